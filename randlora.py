@@ -1,0 +1,622 @@
+"""RandLoRA: full-rank parameter-efficient fine-tuning, in one file.
+
+A frozen weight W of shape (out, in) is adapted by an update built from frozen random
+low-rank bases that every adapted layer of the model shares; only diagonal scalings train:
+
+    U      = s * sum_{b=1..n} B_b diag(lam_b) A diag(gam_b)           (paper eq. 4)   (D, k)
+    DeltaW = U      if in <= out                                                    (out, in)
+           = U^T    if in >  out           (gam always sits on the smaller dimension)
+    y      = x W^T + bias + x DeltaW^T
+
+Symbols and shapes (letters used in every shape comment below):
+    T          tokens: every leading dimension of x flattened
+    k, D       min(in, out), max(in, out)
+    r          rank of each random basis;  n = ceil(k / r) bases;  m = n * r >= k
+    A          (r, k)       = A_full[:, :k]        one A shared by all n bases of a layer
+    B          (n, D, r)    = B_full[:n, :D, :]    B_b = B[b]
+    lam        (n, r)       trainable, init 0       the diagonals of Lambda_b
+    gam        (n, k)       trainable, init 1/k     the diagonals of Gamma_b
+    s          alpha / r
+A_full (r, k_max) and B_full (n_max, D_max, r) are generated once per model and every layer
+reads views of them: no layer owns a copy. A layer trains n * (r + k) numbers.
+
+Why the update is full rank. Stack the bases: P = [B_1 diag(lam_1) .. B_n diag(lam_n)] is
+(D, m) and Q = [A diag(gam_1); ..; A diag(gam_n)] is (m, k), so U = s P Q. With m >= k,
+random bases and generic lam, gam (distinct across b), both factors have rank k, and so has U,
+although each term has rank r. LoRA's s B A (B (out, r), A (r, in)) has rank <= r, so by
+Eckart-Young its error on a target update is at least sqrt(sum_{i>r} sigma_i^2) (eq. 8).
+Two caveats the tests pin down: at init gam_b = 1/k for every b, so Q has rank r until
+training separates them; and a column of a sparse ternary A that is all zero (probability
+(1 - 1/s)^r per column) is a zero column of U, so very sparse bases with small r lose rank.
+
+Cost. The autograd function saves only x for backward and recomputes the rest. Per layer it
+either materialises W + DeltaW (~3TDk + 4Dkm multiply-adds per training step) or keeps the
+update factored (~4TDk + 4Tkm); `path_costs` picks the cheaper one for the shapes at hand.
+
+References
+    [1] Albert et al., RandLoRA: Full-rank parameter-efficient fine-tuning of large models,
+        ICLR 2025, arXiv 2502.00987 (sec. 4: eqs. 4 and 8; sec. 6.4 and app. C.5-C.6).
+    [2] Li, Hastie, Church, Very sparse random projections, KDD 2006 (ternary bases).
+    [3] Hu et al., LoRA: Low-rank adaptation of large language models, ICLR 2022.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+FORMAT_VERSION = 1
+BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    method: str                          # "randlora" or "lora"
+    r: int                               # rank of each random basis (RandLoRA) / of the update (LoRA)
+    alpha: float                         # update scale s = alpha / r
+    basis: str = "uniform"               # distribution of the frozen bases (RandLoRA only)
+    seed: int = 0                        # seeds the bases (RandLoRA) or LoRA's A
+    dropout: float = 0.0                 # dropout on the adapter branch's input while training
+    target_modules: tuple = ()           # qualified names (or dotted suffixes) of nn.Linear / Conv1D
+    target_parameters: tuple = ()        # qualified names (or suffixes) of raw 2-D weight Parameters
+
+
+# ----------------------------------------------------------------------------------------
+# Frozen random bases
+
+
+def ternary_scale(basis: str, D_max: int) -> float:
+    """The s of Li et al.'s ternary entries sqrt(s) * {-1, 0, +1}; probabilities 1/2s, 1-1/s, 1/2s."""
+    return {"binary": 1.0, "sparse": 3.0, "very_sparse": math.sqrt(D_max)}[basis]
+
+
+def _sample(shape, basis: str, D_max: int, gen: torch.Generator) -> torch.Tensor:
+    if basis == "uniform":                                   # U(-sqrt3, sqrt3): unit variance
+        return (torch.rand(shape, generator=gen) * 2 - 1) * math.sqrt(3)
+    if basis == "normal":
+        return torch.randn(shape, generator=gen)
+    s = ternary_scale(basis, D_max)                          # unit variance by construction
+    u = torch.rand(shape, generator=gen)
+    return math.sqrt(s) * ((u < 0.5 / s).float() - (u >= 1 - 0.5 / s).float())
+
+
+def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int = 0):
+    """A_full (r, k_max) and B_full (n_max, D_max, r), float32, bit-identical for a seed on
+    any hardware: drawn on the CPU from their own generator (A first, then B)."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    A = _sample((r, k_max), basis, D_max, gen)                          # (r, k_max)
+    B = _sample((math.ceil(k_max / r), D_max, r), basis, D_max, gen)    # (n_max, D_max, r)
+    return A, B
+
+
+class SharedBases(nn.Module):
+    """Holds A_full and B_full once per model, as non-persistent buffers, so that `model.to()`
+    converts them once and checkpoints never contain them. Layers keep a plain reference."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, config: AdapterConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("A", A, persistent=False)                  # (r, k_max)
+        self.register_buffer("B", B, persistent=False)                  # (n_max, D_max, r)
+
+
+def _stack(A, B, gam):
+    """Bcat = [B_1 .. B_n] (D, m) and Q = [A diag(gam_1); ..; A diag(gam_n)] (m, k)."""
+    n, D, r = B.shape
+    Bcat = B.transpose(0, 1).reshape(D, n * r)                          # (D, m)
+    Q = (gam[:, None, :] * A).reshape(n * r, A.shape[1])                # (m, k)
+    return Bcat, Q
+
+
+def _delta(Bcat, Q, lam, scale, transposed, base=None):
+    """DeltaW = s * P @ Q in (out, in) layout, P = Bcat diag(lam); added to `base` if given.
+    The one implementation of eq. 4 that delta_weight() and the autograd function share."""
+    P = Bcat * lam.reshape(-1)                                          # (D, m)
+    L, R = (Q.T, P.T) if transposed else (P, Q)                         # (out, m), (m, in)
+    return scale * (L @ R) if base is None else torch.addmm(base, L, R, alpha=scale)
+
+
+# ----------------------------------------------------------------------------------------
+# The memory-saving autograd function and its cost model
+
+
+def path_costs(T: int, D: int, k: int, m: int, transposed: bool, backward: bool = True) -> dict:
+    """Multiply-adds of one adapted layer (forward, plus backward when `backward`).
+
+    frozen:        x W^T and, in backward, gy W                          2TDk
+    materialised:  form W + DeltaW (Dkm), one matmul forward, gx = gy W_eff, G = gy^T x,
+                   G contracted with Q and P for lam, gam (2Dkm)         3TDk + 4Dkm
+    factored:      h = x M1 (T, m), y += s (h * lam) M2, never forming DeltaW; backward
+                   recomputes h        in <= out: 4TDk + 4Tkm;  in > out: 5TDk + 3Tkm  (m ~ k)
+    """
+    if not backward:
+        return {"frozen": T * D * k, "materialised": T * D * k + D * k * m,
+                "factored": T * D * k + T * (D + k) * m}
+    delta = 3 * T * D * m + 3 * T * k * m if transposed else 2 * T * D * m + 4 * T * k * m
+    return {"frozen": 2 * T * D * k, "materialised": 3 * T * D * k + 4 * D * k * m,
+            "factored": 2 * T * D * k + delta}
+
+
+def choose_path(T, D, k, m, transposed, backward=True) -> str:
+    c = path_costs(T, D, k, m, transposed, backward)
+    return "materialised" if c["materialised"] <= c["factored"] else "factored"
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class RandLoRAFunction(torch.autograd.Function):
+    """y = x W^T + bias + x DeltaW^T. Saves x and references to W, bias, lam, gam, A, B, which
+    exist anyway; DeltaW, W + DeltaW and the (T, m) projections are recomputed in backward
+    instead of being kept alive. `weight=None` computes the update branch alone."""
+
+    @staticmethod
+    def forward(x, weight, bias, lam, gam, A, B, scale, transposed, path):
+        dt = _compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)                          # (T, in)
+        Bcat, Q = _stack(A.to(dt), B.to(dt), gam.to(dt))                # (D, m), (m, k)
+        lam_f = lam.to(dt).reshape(-1)                                  # (m,)
+        w = None if weight is None else weight.to(dt)                   # (out, in)
+        b = None if bias is None else bias.to(dt)                       # (out,)
+        if path == "materialised":
+            y = F.linear(x2, _delta(Bcat, Q, lam_f, scale, transposed, base=w), b)   # (T, out)
+        else:
+            M1, M2 = (Bcat, Q) if transposed else (Q.T, Bcat.T)         # (in, m), (m, out)
+            y = scale * ((x2 @ M1) * lam_f) @ M2                        # (T, out)
+            if w is not None:
+                y = y + F.linear(x2, w, b)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lam, gam, A, B, scale, transposed, path = inputs
+        ctx.save_for_backward(x, weight, bias, lam, gam, A, B)
+        ctx.scale, ctx.transposed, ctx.path, ctx.dtype = scale, transposed, path, _compute_dtype(x)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias, lam, gam, A, B = ctx.saved_tensors
+        need_x, need_w, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
+        s, tr, dt = ctx.scale, ctx.transposed, ctx.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)                          # (T, in)
+        gy2 = gy.reshape(-1, gy.shape[-1]).to(dt)                       # (T, out)
+        n, D, r = B.shape
+        A_c = A.to(dt)                                                  # (r, k)
+        Bcat, Q = _stack(A_c, B.to(dt), gam.to(dt))                     # (D, m), (m, k)
+        lam_f = lam.to(dt).reshape(-1)                                  # (m,)
+        w = None if weight is None else weight.to(dt)                   # (out, in)
+        gx = gw = gb = glam = gQ = None
+        if ctx.path == "materialised":
+            if need_x:
+                gx = gy2 @ _delta(Bcat, Q, lam_f, s, tr, base=w)        # (T, in)
+            if need_w or need_lam or need_gam:
+                G = gy2.T @ x2                                          # (out, in) weight gradient
+                gw = G if need_w else None
+                gU = G.T if tr else G                                   # (D, k)
+                if need_lam:                                            # sum_d,c B[d,m] gU[d,c] Q[m,c]
+                    glam = s * ((gU @ Q.T) * Bcat).sum(0)               # (m,)
+                if need_gam:
+                    gQ = s * (Bcat * lam_f).T @ gU                      # (m, k)
+        else:
+            M1, M2 = (Bcat, Q) if tr else (Q.T, Bcat.T)                 # (in, m), (m, out)
+            h = x2 @ M1                                                 # (T, m) recomputed
+            gh = s * (gy2 @ M2.T)                                       # (T, m) grad of h * lam
+            glam = (gh * h).sum(0) if need_lam else None                # (m,)
+            gh = gh * lam_f                                             # (T, m) grad of h
+            if need_gam:
+                gQ = s * (h * lam_f).T @ gy2 if tr else gh.T @ x2       # (m, k)
+            if need_x:
+                gx = gh @ M1.T                                          # (T, in)
+                gx = gx if w is None else gx + gy2 @ w
+            gw = gy2.T @ x2 if need_w else None                         # (out, in)
+        if need_b:
+            gb = gy2.sum(0).to(bias.dtype)                              # (out,)
+        if gx is not None:
+            gx = gx.reshape(x.shape).to(x.dtype)
+        if gw is not None:
+            gw = gw.to(weight.dtype)
+        if glam is not None:
+            glam = glam.reshape(n, r).to(lam.dtype)                     # (n, r)
+        ggam = None if gQ is None else (gQ.reshape(n, r, -1) * A_c).sum(1).to(gam.dtype)  # (n, k)
+        return gx, gw, gb, glam, ggam, None, None, None, None, None
+
+
+def randlora_linear(x, weight, bias, lam, gam, A, B, scale, transposed, path="auto"):
+    """Functional form of the adapted layer; see RandLoRAFunction. `path="auto"` asks
+    choose_path, counting backward only when a gradient will be taken."""
+    if path == "auto":
+        n, D, r = B.shape
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lam, gam))
+        path = choose_path(x.numel() // x.shape[-1], D, A.shape[1], n * r, transposed, backward=grad)
+    elif path not in ("materialised", "factored"):
+        raise ValueError(f"path must be 'auto', 'materialised' or 'factored', got {path!r}")
+    return RandLoRAFunction.apply(x, weight, bias, lam, gam, A, B, scale, transposed, path)
+
+
+# ----------------------------------------------------------------------------------------
+# Layers. RandLoRA and LoRA are the updates of one frozen weight; used directly they are
+# parametrizations (forward(W) = W + DeltaW). The *Linear subclasses own an nn.Linear's (or
+# Conv1D's) frozen weight and bias and compute the whole layer from x.
+
+
+def _param_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(weight.dtype, torch.float32)             # fp32 masters for bf16/fp16
+
+
+class _Update(nn.Module):
+    """As a parametrization: W -> W + DeltaW, or W itself once merged into it."""
+
+    def forward(self, W):
+        return W if self.merged else W + self.delta_weight().to(W.dtype)
+
+
+class RandLoRA(_Update):
+    def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False):
+        super().__init__()
+        out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self.k, self.D = min(in_f, out_f), max(in_f, out_f)
+        self.n, self.r, self.scale = math.ceil(self.k / r), r, alpha / r
+        self.transposed, self.fan_in_fan_out, self.merged = in_f > out_f, fan_in_fan_out, False
+        kw = dict(device=weight.device, dtype=_param_dtype(weight))
+        self.lam = nn.Parameter(torch.zeros(self.n, r, **kw))              # (n, r)
+        self.gam = nn.Parameter(torch.full((self.n, self.k), 1 / self.k, **kw))  # (n, k)
+        object.__setattr__(self, "_shared", bases)                      # a reference, not a child
+
+    def bases(self):
+        """This layer's views (A (r, k), B (n, D, r)) of the model's shared bases."""
+        sh = self._shared
+        return sh.A[:, : self.k], sh.B[: self.n, : self.D]
+
+    def delta_weight(self) -> torch.Tensor:
+        """DeltaW in the base weight's own layout ((in, out) for a Conv1D)."""
+        A, B = self.bases()
+        dt = torch.promote_types(self.lam.dtype, A.dtype)
+        Bcat, Q = _stack(A.to(dt), B.to(dt), self.gam.to(dt))         # (D, m), (m, k)
+        dw = _delta(Bcat, Q, self.lam.to(dt), self.scale, self.transposed)   # (out, in)
+        return dw.T if self.fan_in_fan_out else dw
+
+
+class LoRA(_Update):
+    """The baseline DeltaW = s * lora_B @ lora_A, lora_B (out, r) zero, lora_A (r, in) uniform
+    with bound 1/sqrt(in) (LoRA's usual init), from a seeded generator."""
+
+    def __init__(self, weight, r, alpha, gen: torch.Generator, fan_in_fan_out=False):
+        super().__init__()
+        out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self.r, self.scale, self.fan_in_fan_out, self.merged = r, alpha / r, fan_in_fan_out, False
+        kw = dict(device=weight.device, dtype=_param_dtype(weight))
+        a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)
+        self.lora_A = nn.Parameter(a.to(**kw))                         # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))        # (out, r)
+
+    def delta_weight(self) -> torch.Tensor:
+        dw = self.scale * (self.lora_B @ self.lora_A)                  # (out, in)
+        return dw.T if self.fan_in_fan_out else dw
+
+
+def _adopt_linear(layer: nn.Module, base: nn.Module, dropout: float):
+    layer.weight, layer.bias = base.weight, base.bias                  # the same frozen Parameters
+    layer.dropout = nn.Dropout(dropout)
+    layer.path = "auto"                                               # or "materialised" / "factored"
+
+
+class RandLoRALinear(RandLoRA):
+    def __init__(self, base: nn.Module, bases: SharedBases, r, alpha, dropout=0.0):
+        super().__init__(base.weight, bases, r, alpha, fan_in_fan_out=_is_conv1d(base))
+        _adopt_linear(self, base, dropout)
+
+    def forward(self, x):
+        W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
+        if self.merged:
+            return F.linear(x, W, self.bias)
+        A, B = self.bases()
+        args = (self.lam, self.gam, A, B, self.scale, self.transposed, self.path)
+        if self.training and self.dropout.p > 0:                       # the update sees other x
+            return F.linear(x, W, self.bias) + randlora_linear(self.dropout(x), None, None, *args)
+        return randlora_linear(x, W, self.bias, *args)
+
+
+class LoRALinear(LoRA):
+    def __init__(self, base: nn.Module, r, alpha, gen, dropout=0.0):
+        super().__init__(base.weight, r, alpha, gen, fan_in_fan_out=_is_conv1d(base))
+        _adopt_linear(self, base, dropout)
+
+    def forward(self, x):
+        W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
+        y = F.linear(x, W, self.bias)                                  # (..., out)
+        if self.merged:
+            return y
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))        # (..., r)
+        return y + self.scale * F.linear(h, self.lora_B.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------
+# Patching
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's Conv1D (weight stored (in, out)), recognised without importing it."""
+    return type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _as_names(value, what: str) -> tuple:
+    value = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(v, str) and v for v in value):
+        raise TypeError(f"{what} must be a string or a list of non-empty strings, got {value!r}")
+    return value
+
+
+def _find_targets(model, target_modules, target_parameters):
+    """[(name, kind, owner module, weight)] in model order; validates, changes nothing."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    mods, params = _as_names(target_modules, "target_modules"), _as_names(target_parameters, "target_parameters")
+    if not mods and not params:
+        raise ValueError("nothing to adapt: pass target_modules (e.g. ['attn.qkv']) or target_parameters")
+    if any(isinstance(m, (RandLoRA, LoRA, SharedBases)) for m in model.modules()):
+        raise ValueError("this model is already patched; patch a fresh copy of the base model instead")
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    raw = {n: p for n, p in model.named_parameters() if p.dim() == 2}
+    found = {}
+    for pats, pool, kind in ((mods, linear, "module"), (params, raw, "parameter")):
+        for pat in pats:
+            hits = [n for n in pool if _matches(n, pat)]
+            if not hits:
+                some = ", ".join(list(pool)[:30]) or "none"
+                raise ValueError(f"target {pat!r} matches no {kind} of the model; candidates: {some}")
+            found.update({n: kind for n in hits})
+    targets = []
+    for name, kind in found.items():
+        if kind == "module":
+            targets.append((name, kind, linear[name], linear[name].weight))
+        else:
+            owner_name, _, attr = name.rpartition(".")
+            if owner_name in found:
+                raise ValueError(f"{name!r} belongs to the adapted layer {owner_name!r}; target one or the other")
+            targets.append((name, kind, model.get_submodule(owner_name), raw[name]))
+    return targets
+
+
+def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if basis not in BASES:
+        raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
+
+
+def _dims(weight, fan_in_fan_out):
+    out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
+    return out_f, in_f
+
+
+def _patch(model, config: AdapterConfig, make):
+    """Validate everything, then freeze the model and install make(...) on every target."""
+    _check_hparams(config.r, config.alpha, config.dropout, config.seed, config.basis)
+    targets = _find_targets(model, config.target_modules, config.target_parameters)
+    for name, kind, mod, w in targets:
+        if config.r > min(w.shape):
+            raise ValueError(f"r={config.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}")
+    shared = make.prepare(targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i, (name, kind, mod, w) in enumerate(targets):
+        if kind == "module":
+            parent, _, child = name.rpartition(".")
+            layer = make.linear(mod)
+            setattr(model.get_submodule(parent), child, layer)
+        else:
+            layer = make.update(w)
+            parametrize.register_parametrization(mod, name.rpartition(".")[2], layer)
+        if i == 0:
+            layer.shared_bases = shared                                # the one registered owner
+    return [t[0] for t in targets]
+
+
+class _RandLoRAMaker:
+    def __init__(self, config):
+        self.c = config
+
+    def prepare(self, targets):
+        c = self.c
+        k_max = max(min(w.shape) for *_, w in targets)
+        D_max = max(max(w.shape) for *_, w in targets)
+        A, B = make_bases(c.r, k_max, D_max, c.basis, c.seed)
+        w0 = targets[0][3]
+        self.shared = SharedBases(A.to(w0.device, w0.dtype), B.to(w0.device, w0.dtype), c)
+        return self.shared
+
+    def linear(self, mod):
+        return RandLoRALinear(mod, self.shared, self.c.r, self.c.alpha, self.c.dropout)
+
+    def update(self, w):
+        return RandLoRA(w, self.shared, self.c.r, self.c.alpha)
+
+
+class _LoRAMaker:
+    def __init__(self, config):
+        self.c, self.gen = config, torch.Generator("cpu").manual_seed(config.seed)
+
+    def prepare(self, targets):
+        self.shared = SharedBases(torch.empty(0), torch.empty(0), self.c)   # config record only
+        return self.shared
+
+    def linear(self, mod):
+        return LoRALinear(mod, self.c.r, self.c.alpha, self.gen, self.c.dropout)
+
+    def update(self, w):
+        return LoRA(w, self.c.r, self.c.alpha, self.gen)
+
+
+def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0,
+                 target_parameters=()) -> list:
+    """Patch `model` in place: every nn.Linear / Conv1D whose qualified name matches one of
+    `target_modules` (exactly, or as a dotted suffix: "attn.qkv" matches "blocks.0.attn.qkv")
+    becomes a RandLoRALinear, every 2-D Parameter matching `target_parameters` (e.g.
+    "in_proj_weight" of nn.MultiheadAttention) gets a RandLoRA parametrization, and every other
+    parameter is frozen. Returns the adapted names. On bad input raises and changes nothing."""
+    config = AdapterConfig("randlora", r, alpha, basis, seed, dropout, _as_names(target_modules, "target_modules"),
+                           _as_names(target_parameters, "target_parameters"))
+    return _patch(model, config, _RandLoRAMaker(config))
+
+
+def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=()) -> list:
+    """The LoRA baseline with the same targeting, freezing and errors as add_randlora."""
+    config = AdapterConfig("lora", r, alpha, "uniform", seed, dropout, _as_names(target_modules, "target_modules"),
+                           _as_names(target_parameters, "target_parameters"))
+    return _patch(model, config, _LoRAMaker(config))
+
+
+def adapters(model) -> dict:
+    """{adapted name: (update module, frozen base weight Parameter)} in model order."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (RandLoRALinear, LoRALinear)):
+            out[name] = (m, m.weight)
+        elif parametrize.is_parametrized(m):
+            for pname, plist in m.parametrizations.items():
+                for u in plist:
+                    if isinstance(u, (RandLoRA, LoRA)):
+                        out[f"{name}.{pname}" if name else pname] = (u, plist.original)
+    return out
+
+
+def adapter_config(model) -> AdapterConfig:
+    for m in model.modules():
+        if isinstance(m, SharedBases):
+            return m.config
+    raise ValueError("this model has no adapters; call add_randlora(model, ...) or add_lora(model, ...) first")
+
+
+def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=()) -> int:
+    """The RandLoRA r whose trainable count, sum n (r + k), is closest to LoRA's at `lora_rank`,
+    sum lora_rank (in + out), over the same targets (ties go to the smaller count)."""
+    _check_hparams(lora_rank, 1.0, 0.0, 0)
+    ws = [w for *_, w in _find_targets(model, target_modules, target_parameters)]
+    budget = sum(lora_rank * sum(w.shape) for w in ws)
+    count = lambda r: sum(math.ceil(min(w.shape) / r) * (r + min(w.shape)) for w in ws)
+    return min(range(1, min(min(w.shape) for w in ws) + 1), key=lambda r: (abs(count(r) - budget), count(r)))
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------
+# Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once.
+
+
+def _shifted(u, w, sign):
+    dt = torch.promote_types(w.dtype, torch.float32)
+    return (w.to(dt) + sign * u.delta_weight().to(dt)).to(w.dtype)
+
+
+@torch.no_grad()
+def _set_merged(model, merged: bool):
+    todo = {name: (u, w) for name, (u, w) in adapters(model).items() if u.merged != merged}
+    sign = 1.0 if merged else -1.0
+    for name, (u, w) in todo.items():                                  # check everything first
+        if not torch.isfinite(_shifted(u, w, sign)).all():
+            raise ValueError(f"{'merging' if merged else 'unmerging'} {name!r} would give non-finite "
+                             "weights; nothing was changed (check lam/gam and the weight's dtype range)")
+    for u, w in todo.values():
+        w.copy_(_shifted(u, w, sign))
+        u.merged = merged
+    return len(todo)
+
+
+def merge(model) -> int:
+    """Fold every DeltaW into its base weight; layers then run at the base model's speed.
+    Idempotent; returns how many layers changed."""
+    return _set_merged(model, True)
+
+
+def unmerge(model) -> int:
+    """Take every DeltaW out again (exact up to rounding in the weight's dtype)."""
+    return _set_merged(model, False)
+
+
+# ----------------------------------------------------------------------------------------
+# Adapter checkpoints: the trainable scalings and the config, never the bases.
+
+
+def _trainables(u):
+    return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
+
+
+def adapter_state_dict(model) -> dict:
+    """{"format_version", "config", "tensors": {"<name>.lam": (n, r), "<name>.gam": (n, k), ..}}.
+    Plain types and tensors only, so torch.load(..., weights_only=True) reads it."""
+    config = asdict(adapter_config(model))
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    tensors = {f"{name}.{key}": p.detach().cpu().clone()
+               for name, (u, _) in adapters(model).items() for key, p in _trainables(u).items()}
+    return {"format_version": FORMAT_VERSION, "config": config, "tensors": tensors}
+
+
+def load_adapter_state_dict(model, state) -> None:
+    """Load into a model patched with the same config; validates everything before copying."""
+    if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
+        raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
+    if state["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"checkpoint format {state['format_version']!r}, this file reads {FORMAT_VERSION}")
+    have, saved = asdict(adapter_config(model)), state["config"]
+    if not isinstance(saved, dict) or not isinstance(state["tensors"], dict):
+        raise TypeError("checkpoint 'config' and 'tensors' must be dicts")
+    for key in ("method", "r", "alpha", "basis", "seed"):
+        if saved.get(key) != have[key]:
+            raise ValueError(f"checkpoint {key}={saved.get(key)!r} but the model was patched with "
+                             f"{key}={have[key]!r}; patch a fresh model with the checkpoint's config")
+    expected = {f"{n}.{k}": p for n, (u, _) in adapters(model).items() for k, p in _trainables(u).items()}
+    tensors = state["tensors"]
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, p in expected.items():
+        t = tensors[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"checkpoint entry {key!r} must be a floating-point tensor, got {type(t).__name__}")
+        if t.shape != p.shape or not torch.isfinite(t).all():
+            raise ValueError(f"checkpoint entry {key!r} has shape {tuple(t.shape)} (or non-finite values); "
+                             f"the model expects {tuple(p.shape)}")
+    if any(u.merged for u, _ in adapters(model).values()):
+        raise ValueError("the model is merged; call unmerge(model) before loading adapters")
+    with torch.no_grad():
+        for key, p in expected.items():
+            p.copy_(tensors[key])
+
+
+def save_adapter(model, path) -> None:
+    torch.save(adapter_state_dict(model), path)
+
+
+def load_adapter(model, path) -> None:
+    """Read with weights_only=True (no arbitrary unpickling); a damaged file is a ValueError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:                                             # truncated, tampered, not torch
+        raise ValueError(f"could not read adapter checkpoint {str(path)!r}: the file is damaged or not "
+                         f"written by save_adapter ({type(e).__name__}: {str(e)[:200]})") from None
+    load_adapter_state_dict(model, state)
