@@ -405,11 +405,6 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
         raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
 
 
-def _dims(weight, fan_in_fan_out):
-    out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
-    return out_f, in_f
-
-
 def _patch(model, config: AdapterConfig, make):
     """Validate everything, then freeze the model and install make(...) on every target."""
     _check_hparams(config.r, config.alpha, config.dropout, config.seed, config.basis)
