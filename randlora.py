@@ -271,6 +271,9 @@ class RandLoRA(_Update):
         self.gam = nn.Parameter(torch.full((self.n, self.k), 1 / self.k, **kw))  # (n, k)
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
 
+    def extra_repr(self):
+        return f"k={self.k}, D={self.D}, r={self.r}, n={self.n}, scale={self.scale:g}, merged={self.merged}"
+
     def bases(self):
         """This layer's views (A (r, k), B (n, D, r)) of the model's shared bases."""
         sh = self._shared
@@ -405,62 +408,39 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
         raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
 
 
-def _patch(model, config: AdapterConfig, make):
-    """Validate everything, then freeze the model and install make(...) on every target."""
-    _check_hparams(config.r, config.alpha, config.dropout, config.seed, config.basis)
-    targets = _find_targets(model, config.target_modules, config.target_parameters)
+def _patch(model, config: AdapterConfig):
+    """Validate everything, then freeze the model and install an adapter on every target."""
+    c = config
+    _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if c.method == "randlora" else "uniform")
+    targets = _find_targets(model, c.target_modules, c.target_parameters)
     for name, kind, mod, w in targets:
-        if config.r > min(w.shape):
-            raise ValueError(f"r={config.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}")
-    shared = make.prepare(targets)
+        if c.r > min(w.shape):
+            raise ValueError(f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}")
+    if c.method == "randlora":
+        A, B = make_bases(c.r, max(min(t[3].shape) for t in targets), max(max(t[3].shape) for t in targets),
+                          c.basis, c.seed)
+        w0 = targets[0][3]
+        shared = SharedBases(A.to(w0.device, w0.dtype), B.to(w0.device, w0.dtype), c)
+        linear = lambda mod: RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout)
+        update = lambda w: RandLoRA(w, shared, c.r, c.alpha)
+    else:
+        shared = SharedBases(torch.empty(0), torch.empty(0), c)        # the config record only
+        gen = torch.Generator("cpu").manual_seed(c.seed)
+        linear = lambda mod: LoRALinear(mod, c.r, c.alpha, gen, c.dropout)
+        update = lambda w: LoRA(w, c.r, c.alpha, gen)
     for p in model.parameters():
         p.requires_grad_(False)
     for i, (name, kind, mod, w) in enumerate(targets):
+        owner, _, attr = name.rpartition(".")
         if kind == "module":
-            parent, _, child = name.rpartition(".")
-            layer = make.linear(mod)
-            setattr(model.get_submodule(parent), child, layer)
+            layer = linear(mod)
+            setattr(model.get_submodule(owner), attr, layer)
         else:
-            layer = make.update(w)
-            parametrize.register_parametrization(mod, name.rpartition(".")[2], layer)
+            layer = update(w)
+            parametrize.register_parametrization(mod, attr, layer)
         if i == 0:
-            layer.shared_bases = shared                                # the one registered owner
+            layer.shared_bases = shared                                # registered once, here
     return [t[0] for t in targets]
-
-
-class _RandLoRAMaker:
-    def __init__(self, config):
-        self.c = config
-
-    def prepare(self, targets):
-        c = self.c
-        k_max = max(min(w.shape) for *_, w in targets)
-        D_max = max(max(w.shape) for *_, w in targets)
-        A, B = make_bases(c.r, k_max, D_max, c.basis, c.seed)
-        w0 = targets[0][3]
-        self.shared = SharedBases(A.to(w0.device, w0.dtype), B.to(w0.device, w0.dtype), c)
-        return self.shared
-
-    def linear(self, mod):
-        return RandLoRALinear(mod, self.shared, self.c.r, self.c.alpha, self.c.dropout)
-
-    def update(self, w):
-        return RandLoRA(w, self.shared, self.c.r, self.c.alpha)
-
-
-class _LoRAMaker:
-    def __init__(self, config):
-        self.c, self.gen = config, torch.Generator("cpu").manual_seed(config.seed)
-
-    def prepare(self, targets):
-        self.shared = SharedBases(torch.empty(0), torch.empty(0), self.c)   # config record only
-        return self.shared
-
-    def linear(self, mod):
-        return LoRALinear(mod, self.c.r, self.c.alpha, self.gen, self.c.dropout)
-
-    def update(self, w):
-        return LoRA(w, self.c.r, self.c.alpha, self.gen)
 
 
 def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0,
@@ -472,14 +452,14 @@ def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", 
     parameter is frozen. Returns the adapted names. On bad input raises and changes nothing."""
     config = AdapterConfig("randlora", r, alpha, basis, seed, dropout, _as_names(target_modules, "target_modules"),
                            _as_names(target_parameters, "target_parameters"))
-    return _patch(model, config, _RandLoRAMaker(config))
+    return _patch(model, config)
 
 
 def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=()) -> list:
     """The LoRA baseline with the same targeting, freezing and errors as add_randlora."""
-    config = AdapterConfig("lora", r, alpha, "uniform", seed, dropout, _as_names(target_modules, "target_modules"),
+    config = AdapterConfig("lora", r, alpha, "none", seed, dropout, _as_names(target_modules, "target_modules"),
                            _as_names(target_parameters, "target_parameters"))
-    return _patch(model, config, _LoRAMaker(config))
+    return _patch(model, config)
 
 
 def adapters(model) -> dict:
