@@ -1,6 +1,7 @@
 """Tests that read like the paper's claims. Float64 wherever exactness is the point; the
 oracle for eq. 4 is the literal loop over b with explicit diagonal matrices."""
 import copy
+import functools
 import math
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+import demo_toy
 import randlora as R
 
 FAST = settings(max_examples=25, deadline=None)
@@ -499,3 +501,114 @@ def test_merge_refuses_to_write_non_finite_weights():
         R.merge(model)
     assert_unchanged(model, before)
     assert not any(u.merged for u, _ in R.adapters(model).values())
+
+# --------------------------------------------------------------------------- demo_toy.py: the central claim
+
+
+@functools.lru_cache(maxsize=None)
+def _quick():
+    """One run of the demo's real code path in --quick mode, shared by the tests below."""
+    return demo_toy.run(quick=True, seed=0)
+
+
+def _by_budget(results, method):
+    return {x["budget"]: x for x in results["runs"] if x["method"] == method}
+
+
+def test_randlora_goes_below_lora_floor_at_equal_parameters():
+    res = _quick()
+    lora, rand = _by_budget(res, "lora"), _by_budget(res, "randlora")
+    assert set(lora) == set(rand) and len(lora) >= 3
+    base = demo_toy.make_problem(0, 0.0)[0]
+    for b in lora:
+        lo, ra = lora[b], rand[b]
+        assert ra["r"] == R.rank_for_budget(base, demo_toy.NAMES, b)
+        assert ra["params"] <= lo["params"]                        # RandLoRA never gets more to spend
+        assert abs(ra["params"] - lo["params"]) <= 0.15 * lo["params"]
+        assert lo["error"] >= lo["floor"] - 1e-6                   # Eckart-Young holds for LoRA ...
+        assert lo["error"] <= lo["floor"] + 1e-3                   # ... and LoRA trains onto its floor
+        assert ra["error"] < lo["floor"] - 0.02                    # RandLoRA goes clearly below it
+        assert ra["heldout"] < lo["floor"]
+
+
+def test_randlora_update_is_full_rank_and_lora_update_is_rank_r():
+    res = _quick()
+    for x in _by_budget(res, "randlora").values():
+        assert x["ranks"] == x["ks"]
+    for x in _by_budget(res, "lora").values():
+        assert max(x["ranks"]) <= x["r"]
+    full = next(x for x in res["runs"] if x["method"] == "full")
+    assert full["error"] < 1e-4
+
+
+def test_train_loss_is_weight_error_with_whitened_inputs():
+    """With X^T X = N I the loss equals sum_l ||DeltaW_l - DeltaW*_l||_F^2: the floor is exact."""
+    for x in _quick()["runs"]:
+        assert x["train"] == pytest.approx(x["error"], abs=1e-4)
+        assert x["heldout"] == pytest.approx(x["error"], abs=0.02)  # Gaussian x: equal in expectation
+
+
+def test_eckart_young_floor_matches_truncated_svd():
+    """The floor the demo reports equals the error of an explicit best rank-r approximation."""
+    _, changes, _, _ = demo_toy.make_problem(0, 0.0)
+    for x in _by_budget(_quick(), "lora").values():
+        err = 0.0
+        for c in changes:
+            U, S, Vh = torch.linalg.svd(c.double())
+            best = U[:, : x["r"]] @ torch.diag(S[: x["r"]]) @ Vh[: x["r"]]
+            err += ((c.double() - best) ** 2).sum().item()
+        assert x["floor"] == pytest.approx(err, rel=1e-6)
+
+
+def test_verdict_is_derived_from_the_numbers():
+    res = _quick()
+    lora, rand = _by_budget(res, "lora"), _by_budget(res, "randlora")
+    top = max(lora)
+    text = res["verdict"]
+    assert f"{len(lora)} of {len(lora)}" in text
+    assert f"{rand[top]['error']:.4f}" in text and f"{lora[top]['floor']:.4f}" in text
+    worse = copy.deepcopy(res)                                     # make RandLoRA lose at one budget
+    for x in worse["runs"]:
+        if x["method"] == "randlora" and x["budget"] == min(lora):
+            x["error"] = 2.0
+    changed = demo_toy.verdict(worse)
+    assert changed != text and f"{len(lora) - 1} of {len(lora)}" in changed
+
+
+def test_cli_prints_table_verdict_and_is_reproducible(capsys):
+    assert demo_toy.main(["--quick", "--steps", "20", "--seed", "3"]) == 0
+    first = capsys.readouterr()
+    assert "Verdict:" in first.out and "randlora" in first.out and "7/7]" in first.err
+    demo_toy.main(["--quick", "--steps", "20", "--seed", "3"])
+    assert capsys.readouterr().out == first.out
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # `import matplotlib` now fails
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "toy.png"
+    assert demo_toy.main(["--quick", "--steps", "5", "--plot", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "pip install matplotlib" in captured.err and "Verdict:" in captured.out
+    assert not out.exists()
+
+
+def test_plot_writes_a_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "toy.png"
+    assert demo_toy.plot(_quick(), out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "-1"], "--seed"), (["--seed", "x"], "--seed"), (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"), (["--decay", "-1"], "--decay"), (["--steps", "0"], "--steps"),
+    (["--plot", "/no/such/folder/x.png"], "does not exist"), (["--plot", "x.txt"], ".png"),
+    (["--quick", "--lr", "1e30", "--steps", "5"], "diverged"),
+])
+def test_cli_bad_input_is_a_usage_error_not_a_traceback(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo_toy.main(argv)
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err
