@@ -123,8 +123,21 @@ def _delta(Bcat, Q, lam, scale, transposed, base=None):
     return scale * (L @ R) if base is None else torch.addmm(base, L, R, alpha=scale)
 
 
+def _grads_from_delta_grad(G, Bcat, Q, lam_f, scale, transposed, need_lam=True, need_gam=True):
+    """Given G = dL/dDeltaW (out, in): dL/dlam (m,) and dL/dQ (m, k), through U = s Bcat diag(lam) Q."""
+    gU = G.T if transposed else G                                       # (D, k)
+    glam = scale * ((gU @ Q.T) * Bcat).sum(0) if need_lam else None     # sum_d,c B[d,m] gU[d,c] Q[m,c]
+    gQ = scale * (Bcat * lam_f).T @ gU if need_gam else None            # (m, k)
+    return glam, gQ
+
+
+def _gam_grad(gQ, A):
+    """dL/dgam (n, k) from dL/dQ (m, k), Q[b r + j, c] = A[j, c] gam[b, c]."""
+    return (gQ.reshape(-1, *A.shape) * A).sum(1)
+
+
 # ----------------------------------------------------------------------------------------
-# The memory-saving autograd function and its cost model
+# The memory-saving autograd functions and the cost model
 
 
 def path_costs(T: int, D: int, k: int, m: int, transposed: bool, backward: bool = True) -> dict:
@@ -201,11 +214,7 @@ class RandLoRAFunction(torch.autograd.Function):
             if need_w or need_lam or need_gam:
                 G = gy2.T @ x2                                          # (out, in) weight gradient
                 gw = G if need_w else None
-                gU = G.T if tr else G                                   # (D, k)
-                if need_lam:                                            # sum_d,c B[d,m] gU[d,c] Q[m,c]
-                    glam = s * ((gU @ Q.T) * Bcat).sum(0)               # (m,)
-                if need_gam:
-                    gQ = s * (Bcat * lam_f).T @ gU                      # (m, k)
+                glam, gQ = _grads_from_delta_grad(G, Bcat, Q, lam_f, s, tr, need_lam, need_gam)
         else:
             M1, M2 = (Bcat, Q) if tr else (Q.T, Bcat.T)                 # (in, m), (m, out)
             h = x2 @ M1                                                 # (T, m) recomputed
@@ -226,8 +235,38 @@ class RandLoRAFunction(torch.autograd.Function):
             gw = gw.to(weight.dtype)
         if glam is not None:
             glam = glam.reshape(n, r).to(lam.dtype)                     # (n, r)
-        ggam = None if gQ is None else (gQ.reshape(n, r, -1) * A_c).sum(1).to(gam.dtype)  # (n, k)
+        ggam = None if gQ is None else _gam_grad(gQ, A_c).to(gam.dtype)  # (n, k)
         return gx, gw, gb, glam, ggam, None, None, None, None, None
+
+
+class RandLoRAWeightFunction(torch.autograd.Function):
+    """W + DeltaW for a raw weight adapted through target_parameters. Saves references to lam,
+    gam, A, B only; Bcat, P (D, m) and Q (m, k), which autograd of delta_weight() would keep for
+    every such weight, are recomputed in backward from the weight gradient G (out, in)."""
+
+    @staticmethod
+    def forward(weight, lam, gam, A, B, scale, transposed):
+        dt = torch.promote_types(weight.dtype, torch.float32)           # float32 or wider, rounded once
+        Bcat, Q = _stack(A.to(dt), B.to(dt), gam.to(dt))                # (D, m), (m, k)
+        return _delta(Bcat, Q, lam.to(dt), scale, transposed, base=weight.to(dt)).to(weight.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, lam, gam, A, B, scale, transposed = inputs
+        ctx.save_for_backward(lam, gam, A, B)
+        ctx.scale, ctx.transposed, ctx.dtype = scale, transposed, torch.promote_types(weight.dtype, torch.float32)
+
+    @staticmethod
+    def backward(ctx, G):
+        lam, gam, A, B = ctx.saved_tensors
+        need_w, need_lam, need_gam = ctx.needs_input_grad[:3]
+        dt, A_c = ctx.dtype, A.to(ctx.dtype)                            # A_c (r, k)
+        Bcat, Q = _stack(A_c, B.to(dt), gam.to(dt))                     # (D, m), (m, k) recomputed
+        glam, gQ = _grads_from_delta_grad(G.to(dt), Bcat, Q, lam.to(dt).reshape(-1), ctx.scale,
+                                          ctx.transposed, need_lam, need_gam)
+        glam = None if glam is None else glam.reshape(lam.shape).to(lam.dtype)          # (n, r)
+        ggam = None if gQ is None else _gam_grad(gQ, A_c).to(gam.dtype)                 # (n, k)
+        return (G if need_w else None), glam, ggam, None, None, None, None
 
 
 def randlora_linear(x, weight, bias, lam, gam, A, B, scale, transposed, path="auto"):
@@ -252,14 +291,7 @@ def _param_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)             # fp32 masters for bf16/fp16
 
 
-class _Update(nn.Module):
-    """As a parametrization: W -> W + DeltaW, or W itself once merged into it."""
-
-    def forward(self, W):
-        return W if self.merged else W + self.delta_weight().to(W.dtype)
-
-
-class RandLoRA(_Update):
+class RandLoRA(nn.Module):
     def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False):
         super().__init__()
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
@@ -287,8 +319,14 @@ class RandLoRA(_Update):
         dw = _delta(Bcat, Q, self.lam.to(dt), self.scale, self.transposed)   # (out, in)
         return dw.T if self.fan_in_fan_out else dw
 
+    def forward(self, W):                                               # as a parametrization
+        if self.merged:
+            return W
+        A, B = self.bases()
+        return RandLoRAWeightFunction.apply(W, self.lam, self.gam, A, B, self.scale, self.transposed)
 
-class LoRA(_Update):
+
+class LoRA(nn.Module):
     """The baseline DeltaW = s * lora_B @ lora_A, lora_B (out, r) zero, lora_A (r, in) uniform
     with bound 1/sqrt(in) (LoRA's usual init), from a seeded generator."""
 
@@ -304,6 +342,9 @@ class LoRA(_Update):
     def delta_weight(self) -> torch.Tensor:
         dw = self.scale * (self.lora_B @ self.lora_A)                  # (out, in)
         return dw.T if self.fan_in_fan_out else dw
+
+    def forward(self, W):                                               # as a parametrization
+        return W if self.merged else W + self.delta_weight().to(W.dtype)
 
 
 def _adopt_linear(layer: nn.Module, base: nn.Module, dropout: float):
@@ -383,6 +424,10 @@ def _find_targets(model, target_modules, target_parameters):
             found.update({n: kind for n in hits})
     targets = []
     for name, kind in found.items():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if kind == "module" and isinstance(owner, nn.MultiheadAttention):
+            raise ValueError(f"{name!r} is read by nn.MultiheadAttention as a raw weight, so a patched module "
+                             f"would never be called; pass target_parameters=[{name + '.weight'!r}] instead")
         if kind == "module":
             targets.append((name, kind, linear[name], linear[name].weight))
         else:
