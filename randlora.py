@@ -41,6 +41,7 @@ References
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -403,10 +404,14 @@ def _as_names(value, what: str) -> tuple:
     return value
 
 
-def _find_targets(model, target_modules, target_parameters):
-    """[(name, kind, owner module, weight)] in model order; validates, changes nothing."""
+def _require_module(model):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _find_targets(model, target_modules, target_parameters):
+    """[(name, kind, owner module, weight)] in model order; validates, changes nothing."""
+    _require_module(model)
     mods, params = _as_names(target_modules, "target_modules"), _as_names(target_parameters, "target_parameters")
     if not mods and not params:
         raise ValueError("nothing to adapt: pass target_modules (e.g. ['attn.qkv']) or target_parameters")
@@ -459,6 +464,9 @@ def _patch(model, config: AdapterConfig):
     _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if c.method == "randlora" else "uniform")
     targets = _find_targets(model, c.target_modules, c.target_parameters)
     for name, kind, mod, w in targets:
+        if not w.is_floating_point():
+            raise TypeError(f"{name!r} has dtype {w.dtype}; only floating-point weights can be adapted "
+                            "(dequantise the model first)")
         if c.r > min(w.shape):
             raise ValueError(f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}")
     if c.method == "randlora":
@@ -509,6 +517,7 @@ def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parame
 
 def adapters(model) -> dict:
     """{adapted name: (update module, frozen base weight Parameter)} in model order."""
+    _require_module(model)
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, (RandLoRALinear, LoRALinear)):
@@ -522,6 +531,7 @@ def adapters(model) -> dict:
 
 
 def adapter_config(model) -> AdapterConfig:
+    _require_module(model)
     for m in model.modules():
         if isinstance(m, SharedBases):
             return m.config
@@ -598,13 +608,14 @@ def load_adapter_state_dict(model, state) -> None:
     """Load into a model patched with the same config; validates everything before copying."""
     if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
         raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
-    if state["format_version"] != FORMAT_VERSION:
+    version = state["format_version"]
+    if not isinstance(version, int) or version != FORMAT_VERSION:
         raise ValueError(f"checkpoint format {state['format_version']!r}, this file reads {FORMAT_VERSION}")
     have, saved = asdict(adapter_config(model)), state["config"]
     if not isinstance(saved, dict) or not isinstance(state["tensors"], dict):
         raise TypeError("checkpoint 'config' and 'tensors' must be dicts")
     for key in ("method", "r", "alpha", "basis", "seed"):
-        if saved.get(key) != have[key]:
+        if not isinstance(saved.get(key), (str, int, float)) or saved.get(key) != have[key]:
             raise ValueError(f"checkpoint {key}={saved.get(key)!r} but the model was patched with "
                              f"{key}={have[key]!r}; patch a fresh model with the checkpoint's config")
     expected = {f"{n}.{k}": p for n, (u, _) in adapters(model).items() for k, p in _trainables(u).items()}
@@ -614,9 +625,10 @@ def load_adapter_state_dict(model, state) -> None:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
     for key, p in expected.items():
         t = tensors[key]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"checkpoint entry {key!r} must be a floating-point tensor, got {type(t).__name__}")
-        if t.shape != p.shape or not torch.isfinite(t).all():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided or t.is_meta:
+            what = f"{t.dtype} {t.layout} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"checkpoint entry {key!r} must be a dense floating-point tensor, got {what}")
+        if t.shape != p.shape or not torch.isfinite(t.to(p.dtype)).all():    # finite after the cast
             raise ValueError(f"checkpoint entry {key!r} has shape {tuple(t.shape)} (or non-finite values); "
                              f"the model expects {tuple(p.shape)}")
     if any(u.merged for u, _ in adapters(model).values()):
@@ -626,8 +638,21 @@ def load_adapter_state_dict(model, state) -> None:
             p.copy_(tensors[key])
 
 
+def _digest(state) -> str:
+    """sha256 of the config and of every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(repr(sorted(state["config"].items())).encode())
+    for key in sorted(state["tensors"]):
+        t = state["tensors"][key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_adapter(model, path) -> None:
-    torch.save(adapter_state_dict(model), path)
+    """torch.save of adapter_state_dict plus its sha256: torch.load does not check the zip
+    CRCs of tensor records, so a flipped bit in lam or gam would otherwise load silently."""
+    state = adapter_state_dict(model)
+    torch.save({**state, "sha256": _digest(state)}, path)
 
 
 def load_adapter(model, path) -> None:
@@ -639,4 +664,13 @@ def load_adapter(model, path) -> None:
     except Exception as e:                                             # truncated, tampered, not torch
         raise ValueError(f"could not read adapter checkpoint {str(path)!r}: the file is damaged or not "
                          f"written by save_adapter ({type(e).__name__}: {str(e)[:200]})") from None
+    digest = state.pop("sha256", None) if isinstance(state, dict) else None
+    if digest is not None:
+        try:
+            intact = _digest(state) == digest
+        except Exception:                          # malformed entries: load_adapter_state_dict names them
+            intact = True
+        if not intact:
+            raise ValueError(f"adapter checkpoint {str(path)!r} fails its sha256 check: the file was "
+                             "changed or damaged after save_adapter wrote it")
     load_adapter_state_dict(model, state)
