@@ -30,8 +30,10 @@ training separates them; and a column of a sparse ternary A that is all zero (pr
 (1 - 1/s)^r per column) is a zero column of U, so very sparse bases with small r lose rank.
 
 Cost. The autograd function saves only x for backward and recomputes the rest. Per layer it
-either materialises W + DeltaW (~3TDk + 4Dkm multiply-adds per training step) or keeps the
-update factored (~4TDk + 4Tkm); `path_costs` picks the cheaper one for the shapes at hand.
+either materialises W + DeltaW (~3TDk + 3Dkm multiply-adds per training step when T >= D) or
+keeps the update factored (~4TDk + 3Tkm); `path_costs` picks the cheaper one for the shapes
+at hand, and backward picks its own cheapest contraction. Very sparse bases multiply as CSR
+matrices, which removes most of the Dkm and TDm terms.
 
 References
     [1] Albert et al., RandLoRA: Full-rank parameter-efficient fine-tuning of large models,
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,6 +55,8 @@ from torch.nn.utils import parametrize
 
 FORMAT_VERSION = 1
 BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
+SPARSE_DENSITY = 0.05        # bases at most this dense multiply as CSR matrices (CPU, fp32/64)
+SPARSE_OVERHEAD = 10.0       # time of a CSR product per non-zero, in dense multiply-adds (bench.py)
 
 # ----------------------------------------------------------------------------------------
 # Configuration
@@ -94,7 +99,7 @@ def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int
     gen = torch.Generator("cpu").manual_seed(seed)
     A = _sample((r, k_max), basis, D_max, gen)                          # (r, k_max)
     B = _sample((math.ceil(k_max / r), D_max, r), basis, D_max, gen)    # (n_max, D_max, r)
-    return A, B
+    return A, B.transpose(0, 1).contiguous().transpose(0, 1)           # stored D-major: see _stack
 
 
 class SharedBases(nn.Module):
@@ -106,60 +111,128 @@ class SharedBases(nn.Module):
         self.config = config
         self.register_buffer("A", A, persistent=False)                  # (r, k_max)
         self.register_buffer("B", B, persistent=False)                  # (n_max, D_max, r)
+        self.density = float(B.count_nonzero()) / max(B.numel(), 1)     # 1/s for ternary bases
+        self._csr, self._csr_of = {}, None                             # derived, never saved
+
+    def __getstate__(self):                                             # copies rebuild the cache
+        return {**super().__getstate__(), "_csr": {}, "_csr_of": None}
+
+    def sparse_operands(self, n: int, D: int):
+        """(Bcat, Bcat^T) of a layer with n bases and D rows as CSR matrices when the bases are
+        very sparse (on the CPU, float32/64), else None. Built on first use and kept, per
+        device, dtype and version of B: the bases are frozen."""
+        B = self.B
+        if self.density > SPARSE_DENSITY or B.device.type != "cpu" or B.dtype not in (torch.float32, torch.float64):
+            return None
+        if self._csr_of != (B.device, B.dtype, B._version):
+            self._csr, self._csr_of = {}, (B.device, B.dtype, B._version)
+        if (n, D) not in self._csr:
+            Bcat = B[:n, :D].transpose(0, 1).reshape(D, -1)             # (D, m)
+            with warnings.catch_warnings():                             # "CSR support is in beta"
+                warnings.simplefilter("ignore")
+                self._csr[n, D] = (Bcat.to_sparse_csr(), Bcat.T.to_sparse_csr())
+        return self._csr[n, D]
 
 
-def _stack(A, B, gam):
-    """Bcat = [B_1 .. B_n] (D, m) and Q = [A diag(gam_1); ..; A diag(gam_n)] (m, k)."""
+def _stack(A, B, lam, gam):
+    """Bcat = [B_1 .. B_n] (D, m), a view when B is stored D-major (make_bases does so), and
+    LQ = diag(lam) Q, Q = [A diag(gam_1); ..; A diag(gam_n)] (m, k): P Q = Bcat LQ, with lam
+    on the m k side rather than the D m one."""
     n, D, r = B.shape
     Bcat = B.transpose(0, 1).reshape(D, n * r)                          # (D, m)
-    Q = (gam[:, None, :] * A).reshape(n * r, A.shape[1])                # (m, k)
-    return Bcat, Q
+    LQ = (lam[:, :, None] * gam[:, None, :] * A).reshape(n * r, A.shape[1])   # (m, k)
+    return Bcat, LQ
 
 
-def _delta(Bcat, Q, lam, scale, transposed, base=None):
-    """DeltaW = s * P @ Q in (out, in) layout, P = Bcat diag(lam); added to `base` if given.
-    The one implementation of eq. 4 that delta_weight() and the autograd function share."""
-    P = Bcat * lam.reshape(-1)                                          # (D, m)
-    L, R = (Q.T, P.T) if transposed else (P, Q)                         # (out, m), (m, in)
+def _bmm(Bcat, sp, M, t=False):
+    """Bcat @ M (Bcat^T @ M when t), through the CSR copies sp = (Bcat, Bcat^T) when given."""
+    return (Bcat.T if t else Bcat) @ M if sp is None else sp[t] @ M
+
+
+def _delta(Bcat, LQ, scale, transposed, base=None, sp=None):
+    """DeltaW = s * Bcat @ LQ in (out, in) layout, added to `base` if given. The one
+    implementation of eq. 4 that delta_weight() and the autograd functions share."""
+    if sp is not None:
+        U = sp[0] @ LQ                                                  # (D, k)
+        U = U.T if transposed else U                                    # (out, in)
+        return scale * U if base is None else base.add(U, alpha=scale)
+    L, R = (LQ.T, Bcat.T) if transposed else (Bcat, LQ)                 # (out, m), (m, in)
     return scale * (L @ R) if base is None else torch.addmm(base, L, R, alpha=scale)
 
 
-def _grads_from_delta_grad(G, Bcat, Q, lam_f, scale, transposed, need_lam=True, need_gam=True):
-    """Given G = dL/dDeltaW (out, in): dL/dlam (m,) and dL/dQ (m, k), through U = s Bcat diag(lam) Q."""
-    gU = G.T if transposed else G                                       # (D, k)
-    glam = scale * ((gU @ Q.T) * Bcat).sum(0) if need_lam else None     # sum_d,c B[d,m] gU[d,c] Q[m,c]
-    gQ = scale * (Bcat * lam_f).T @ gU if need_gam else None            # (m, k)
-    return glam, gQ
-
-
-def _gam_grad(gQ, A):
-    """dL/dgam (n, k) from dL/dQ (m, k), Q[b r + j, c] = A[j, c] gam[b, c]."""
-    return (gQ.reshape(-1, *A.shape) * A).sum(1)
+def _scaling_grads(H, A, lam, gam, scale, need_lam=True, need_gam=True):
+    """dL/dlam (n, r) and dL/dgam (n, k) from H = Bcat^T dL/dU (m, k), U = s Bcat diag(lam) Q:
+    dL/dlam[b, i] = s sum_c H[b r + i, c] A[i, c] gam[b, c], dL/dgam[b, c] = s sum_i (same, lam)."""
+    n, r = lam.shape
+    HA = H.reshape(n, r, -1) * A                                        # (n, r, k)
+    glam = scale * (HA * gam[:, None, :]).sum(2) if need_lam else None  # (n, r)
+    ggam = scale * (HA * lam[:, :, None]).sum(1) if need_gam else None  # (n, k)
+    return glam, ggam
 
 
 # ----------------------------------------------------------------------------------------
 # The memory-saving autograd functions and the cost model
+#
+# lam's and gam's gradients are elementwise in H = Bcat^T G_U (m, k), G_U the weight gradient
+# in (D, k) layout. H comes from the weight gradient ("weight": G = gy^T x, TDk, then Bcat^T G,
+# Dkm) or from the tokens projected through Bcat ("tokens": gy Bcat or x Bcat, TDm, then a
+# (m, T) (T, k) product, Tmk); with m ~ k, tokens is the cheaper when T < D. x's gradient comes
+# from W + DeltaW formed again ("weight", Dkm) or through the projections ("tokens").
 
 
-def path_costs(T: int, D: int, k: int, m: int, transposed: bool, backward: bool = True) -> dict:
+def _backward_costs(T, D, k, m, transposed, need_x=True, need_w=False, bf=1.0) -> dict:
+    """{(lam_gam_from, gx_from): multiply-adds of backward} for the four ways to run it.
+    bf: the cost of a product with Bcat relative to dense (_bf(density) for CSR bases)."""
+    proj, form = bf * T * D * m, bf * D * k * m                       # gy Bcat or x Bcat; Bcat LQ
+    out = {}
+    for lg in ("weight", "tokens"):
+        for gx in ("weight", "tokens"):
+            c = T * D * k if (need_w or lg == "weight") else 0        # G = gy^T x
+            c += form if lg == "weight" else proj + T * m * k          # H
+            if need_x:
+                c += T * D * k                                         # gy W (or gy W_eff)
+                if gx == "weight":
+                    c += form                                          # W + DeltaW again
+                elif transposed:
+                    c += T * k * m + proj                              # (gy LQ^T) Bcat^T
+                else:
+                    c += T * m * k + (0 if lg == "tokens" else proj)   # (gy Bcat) LQ
+            out[lg, gx] = c
+    return out
+
+
+def backward_plan(T, D, k, m, transposed, need_x=True, need_w=False, bf=1.0) -> tuple:
+    """The cheapest (lam_gam_from, gx_from) for the materialised path's backward."""
+    c = _backward_costs(T, D, k, m, transposed, need_x, need_w, bf)
+    return min(c, key=c.get)
+
+
+def _bf(density: float) -> float:
+    return 1.0 if density > SPARSE_DENSITY else min(1.0, SPARSE_OVERHEAD * density)
+
+
+def path_costs(T: int, D: int, k: int, m: int, transposed: bool, backward: bool = True,
+               density: float = 1.0) -> dict:
     """Multiply-adds of one adapted layer (forward, plus backward when `backward`).
 
-    frozen:        x W^T and, in backward, gy W                          2TDk
-    materialised:  form W + DeltaW (Dkm), one matmul forward, gx = gy W_eff, G = gy^T x,
-                   G contracted with Q and P for lam, gam (2Dkm)         3TDk + 4Dkm
-    factored:      h = x M1 (T, m), y += s (h * lam) M2, never forming DeltaW; backward
-                   recomputes h        in <= out: 4TDk + 4Tkm;  in > out: 5TDk + 3Tkm  (m ~ k)
-    """
+    frozen:        x W^T and, in backward, gy W                               2TDk
+    materialised:  form W + DeltaW (Dkm), one matmul forward; backward by the cheapest plan
+                   (backward_plan); for T >= D: gy W_eff, G = gy^T x, Bcat^T G   3TDk + 3Dkm
+    factored:      project x through LQ^T or Bcat (T, m), never forming DeltaW; backward
+                   projects again        in <= out: 2TDk + 2TDm + 3Tkm, in > out: 2TDk + 3TDm + 3Tkm
+    Materialising wins from T ~ Dk / (D + k), between k/2 and k. With `density` <= SPARSE_DENSITY
+    the bases multiply as CSR matrices and every product with Bcat costs _bf(density) of dense."""
+    bf = _bf(density)
+    fwd_f = T * D * k + T * k * m + bf * T * D * m
     if not backward:
-        return {"frozen": T * D * k, "materialised": T * D * k + D * k * m,
-                "factored": T * D * k + T * (D + k) * m}
-    delta = 3 * T * D * m + 3 * T * k * m if transposed else 2 * T * D * m + 4 * T * k * m
-    return {"frozen": 2 * T * D * k, "materialised": 3 * T * D * k + 4 * D * k * m,
-            "factored": 2 * T * D * k + delta}
+        return {"frozen": T * D * k, "materialised": T * D * k + bf * D * k * m, "factored": fwd_f}
+    bwd = _backward_costs(T, D, k, m, transposed, bf=bf)
+    return {"frozen": 2 * T * D * k, "materialised": T * D * k + bf * D * k * m + min(bwd.values()),
+            "factored": fwd_f + bwd["tokens", "tokens"]}
 
 
-def choose_path(T, D, k, m, transposed, backward=True) -> str:
-    c = path_costs(T, D, k, m, transposed, backward)
+def choose_path(T, D, k, m, transposed, backward=True, density=1.0) -> str:
+    c = path_costs(T, D, k, m, transposed, backward, density)
     return "materialised" if c["materialised"] <= c["factored"] else "factored"
 
 
@@ -170,86 +243,99 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class RandLoRAFunction(torch.autograd.Function):
     """y = x W^T + bias + x DeltaW^T. Saves x and references to W, bias, lam, gam, A, B, which
-    exist anyway; DeltaW, W + DeltaW and the (T, m) projections are recomputed in backward
-    instead of being kept alive. `weight=None` computes the update branch alone."""
+    exist anyway; DeltaW, W + DeltaW, the weight gradient and the (T, m) projections are
+    recomputed in backward instead of being kept alive. `weight=None` computes the update
+    branch alone. `plan` forces backward's (lam_gam_from, gx_from) (tests); None: the cheapest.
+    `sparse`: CSR copies of (Bcat, Bcat^T) from SharedBases.sparse_operands, or None; constants
+    of the model like `scale`, so they are kept on ctx, not saved."""
 
     @staticmethod
-    def forward(x, weight, bias, lam, gam, A, B, scale, transposed, path):
+    def forward(x, weight, bias, lam, gam, A, B, scale, transposed, path, plan=None, sparse=None):
         dt = _compute_dtype(x)
+        sp = sparse if sparse is not None and sparse[0].dtype == dt else None
         x2 = x.reshape(-1, x.shape[-1]).to(dt)                          # (T, in)
-        Bcat, Q = _stack(A.to(dt), B.to(dt), gam.to(dt))                # (D, m), (m, k)
-        lam_f = lam.to(dt).reshape(-1)                                  # (m,)
+        Bcat, LQ = _stack(A.to(dt), B.to(dt), lam.to(dt), gam.to(dt))   # (D, m), (m, k)
         w = None if weight is None else weight.to(dt)                   # (out, in)
         b = None if bias is None else bias.to(dt)                       # (out,)
         if path == "materialised":
-            y = F.linear(x2, _delta(Bcat, Q, lam_f, scale, transposed, base=w), b)   # (T, out)
+            y = F.linear(x2, _delta(Bcat, LQ, scale, transposed, w, sp), b)   # (T, out)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        out_f = LQ.shape[1] if transposed else Bcat.shape[0]
+        y = x2.new_zeros(x2.shape[0], out_f) if w is None else F.linear(x2, w, b)   # (T, out)
+        if transposed:                                                  # y += s (x Bcat) LQ
+            y.addmm_(_bmm(Bcat, sp, x2.T, t=True).T, LQ, alpha=scale)
+        elif sp is None:                                                # y += s (x LQ^T) Bcat^T
+            y.addmm_(x2 @ LQ.T, Bcat.T, alpha=scale)
         else:
-            M1, M2 = (Bcat, Q) if transposed else (Q.T, Bcat.T)         # (in, m), (m, out)
-            y = scale * ((x2 @ M1) * lam_f) @ M2                        # (T, out)
-            if w is not None:
-                y = y + F.linear(x2, w, b)
+            y.add_((sp[0] @ (LQ @ x2.T)).T, alpha=scale)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, lam, gam, A, B, scale, transposed, path = inputs
+        x, weight, bias, lam, gam, A, B, scale, transposed, path, plan, sparse = inputs
         ctx.save_for_backward(x, weight, bias, lam, gam, A, B)
-        ctx.scale, ctx.transposed, ctx.path, ctx.dtype = scale, transposed, path, _compute_dtype(x)
+        ctx.scale, ctx.transposed, ctx.path, ctx.plan, ctx.dtype = scale, transposed, path, plan, _compute_dtype(x)
+        ctx.sparse = sparse if sparse is not None and sparse[0].dtype == ctx.dtype else None
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, bias, lam, gam, A, B = ctx.saved_tensors
         need_x, need_w, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
-        s, tr, dt = ctx.scale, ctx.transposed, ctx.dtype
+        s, tr, dt, sp = ctx.scale, ctx.transposed, ctx.dtype, ctx.sparse
         x2 = x.reshape(-1, x.shape[-1]).to(dt)                          # (T, in)
         gy2 = gy.reshape(-1, gy.shape[-1]).to(dt)                       # (T, out)
         n, D, r = B.shape
-        A_c = A.to(dt)                                                  # (r, k)
-        Bcat, Q = _stack(A_c, B.to(dt), gam.to(dt))                     # (D, m), (m, k)
-        lam_f = lam.to(dt).reshape(-1)                                  # (m,)
+        A_c, lam_c, gam_c = A.to(dt), lam.to(dt), gam.to(dt)            # (r, k), (n, r), (n, k)
+        Bcat, LQ = _stack(A_c, B.to(dt), lam_c, gam_c)                  # (D, m), (m, k)
         w = None if weight is None else weight.to(dt)                   # (out, in)
-        gx = gw = gb = glam = gQ = None
-        if ctx.path == "materialised":
-            if need_x:
-                gx = gy2 @ _delta(Bcat, Q, lam_f, s, tr, base=w)        # (T, in)
-            if need_w or need_lam or need_gam:
-                G = gy2.T @ x2                                          # (out, in) weight gradient
-                gw = G if need_w else None
-                glam, gQ = _grads_from_delta_grad(G, Bcat, Q, lam_f, s, tr, need_lam, need_gam)
+        T, k, m = x2.shape[0], A.shape[1], n * r
+        if ctx.plan is not None:
+            lg_from, gx_from = ctx.plan
+        elif ctx.path == "factored":
+            lg_from, gx_from = "tokens", "tokens"
         else:
-            M1, M2 = (Bcat, Q) if tr else (Q.T, Bcat.T)                 # (in, m), (m, out)
-            h = x2 @ M1                                                 # (T, m) recomputed
-            gh = s * (gy2 @ M2.T)                                       # (T, m) grad of h * lam
-            glam = (gh * h).sum(0) if need_lam else None                # (m,)
-            gh = gh * lam_f                                             # (T, m) grad of h
-            if need_gam:
-                gQ = s * (h * lam_f).T @ gy2 if tr else gh.T @ x2       # (m, k)
-            if need_x:
-                gx = gh @ M1.T                                          # (T, in)
-                gx = gx if w is None else gx + gy2 @ w
-            gw = gy2.T @ x2 if need_w else None                         # (out, in)
+            bf = 1.0 if sp is None else _bf(sp[0].values().numel() / (D * m))
+            lg_from, gx_from = backward_plan(T, D, k, m, tr, need_x, need_w, bf)
+        gx = gb = glam = ggam = ZT = None                               # ZT (m, T): (gy Bcat)^T or (x Bcat)^T
+        G = gy2.T @ x2 if need_w or ((need_lam or need_gam) and lg_from == "weight") else None  # (out, in)
+        if need_lam or need_gam:
+            if lg_from == "weight":
+                H = _bmm(Bcat, sp, G.T if tr else G, t=True)            # (m, k) = Bcat^T G_U
+            else:
+                ZT = _bmm(Bcat, sp, (x2 if tr else gy2).T, t=True)      # (m, T)
+                H = ZT @ (gy2 if tr else x2)                            # (m, k)
+            glam, ggam = _scaling_grads(H, A_c, lam_c, gam_c, s, need_lam, need_gam)
+        if need_x:
+            if gx_from == "weight":
+                gx = gy2 @ _delta(Bcat, LQ, s, tr, w, sp)               # (T, in)
+            else:
+                gx = torch.zeros_like(x2) if w is None else gy2 @ w     # (T, in)
+                if tr and sp is None:                                   # gy U^T = s (gy LQ^T) Bcat^T
+                    gx.addmm_(gy2 @ LQ.T, Bcat.T, alpha=s)
+                elif tr:
+                    gx.add_((sp[0] @ (LQ @ gy2.T)).T, alpha=s)
+                else:                                                   # gy U = s (gy Bcat) LQ
+                    ZT = _bmm(Bcat, sp, gy2.T, t=True) if ZT is None else ZT
+                    gx.addmm_(ZT.T, LQ, alpha=s)
+            gx = gx.reshape(x.shape).to(x.dtype)
+        gw = G.to(weight.dtype) if need_w else None
         if need_b:
             gb = gy2.sum(0).to(bias.dtype)                              # (out,)
-        if gx is not None:
-            gx = gx.reshape(x.shape).to(x.dtype)
-        if gw is not None:
-            gw = gw.to(weight.dtype)
-        if glam is not None:
-            glam = glam.reshape(n, r).to(lam.dtype)                     # (n, r)
-        ggam = None if gQ is None else _gam_grad(gQ, A_c).to(gam.dtype)  # (n, k)
-        return gx, gw, gb, glam, ggam, None, None, None, None, None
+        glam = None if glam is None else glam.to(lam.dtype)
+        ggam = None if ggam is None else ggam.to(gam.dtype)
+        return gx, gw, gb, glam, ggam, None, None, None, None, None, None, None
 
 
 class RandLoRAWeightFunction(torch.autograd.Function):
     """W + DeltaW for a raw weight adapted through target_parameters. Saves references to lam,
-    gam, A, B only; Bcat, P (D, m) and Q (m, k), which autograd of delta_weight() would keep for
-    every such weight, are recomputed in backward from the weight gradient G (out, in)."""
+    gam, A, B only; Bcat and LQ (m, k), which autograd of delta_weight() would keep for every
+    such weight, are recomputed in backward from the weight gradient G (out, in)."""
 
     @staticmethod
     def forward(weight, lam, gam, A, B, scale, transposed):
         dt = torch.promote_types(weight.dtype, torch.float32)           # float32 or wider, rounded once
-        Bcat, Q = _stack(A.to(dt), B.to(dt), gam.to(dt))                # (D, m), (m, k)
-        return _delta(Bcat, Q, lam.to(dt), scale, transposed, base=weight.to(dt)).to(weight.dtype)
+        Bcat, LQ = _stack(A.to(dt), B.to(dt), lam.to(dt), gam.to(dt))   # (D, m), (m, k)
+        return _delta(Bcat, LQ, scale, transposed, base=weight.to(dt)).to(weight.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -261,25 +347,29 @@ class RandLoRAWeightFunction(torch.autograd.Function):
     def backward(ctx, G):
         lam, gam, A, B = ctx.saved_tensors
         need_w, need_lam, need_gam = ctx.needs_input_grad[:3]
-        dt, A_c = ctx.dtype, A.to(ctx.dtype)                            # A_c (r, k)
-        Bcat, Q = _stack(A_c, B.to(dt), gam.to(dt))                     # (D, m), (m, k) recomputed
-        glam, gQ = _grads_from_delta_grad(G.to(dt), Bcat, Q, lam.to(dt).reshape(-1), ctx.scale,
-                                          ctx.transposed, need_lam, need_gam)
-        glam = None if glam is None else glam.reshape(lam.shape).to(lam.dtype)          # (n, r)
-        ggam = None if gQ is None else _gam_grad(gQ, A_c).to(gam.dtype)                 # (n, k)
+        dt = ctx.dtype
+        A_c, lam_c, gam_c = A.to(dt), lam.to(dt), gam.to(dt)            # (r, k), (n, r), (n, k)
+        Bcat, _ = _stack(A_c, B.to(dt), lam_c, gam_c)                   # (D, m) recomputed
+        G_c = G.to(dt)                                                  # (out, in)
+        H = Bcat.T @ (G_c.T if ctx.transposed else G_c)                 # (m, k) = Bcat^T G_U
+        glam, ggam = _scaling_grads(H, A_c, lam_c, gam_c, ctx.scale, need_lam, need_gam)
+        glam = None if glam is None else glam.to(lam.dtype)             # (n, r)
+        ggam = None if ggam is None else ggam.to(gam.dtype)             # (n, k)
         return (G if need_w else None), glam, ggam, None, None, None, None
 
 
-def randlora_linear(x, weight, bias, lam, gam, A, B, scale, transposed, path="auto"):
+def randlora_linear(x, weight, bias, lam, gam, A, B, scale, transposed, path="auto", sparse=None):
     """Functional form of the adapted layer; see RandLoRAFunction. `path="auto"` asks
-    choose_path, counting backward only when a gradient will be taken."""
+    choose_path, counting backward only when a gradient will be taken. `sparse`: the layer's
+    SharedBases.sparse_operands(n, D), or None to multiply the bases as dense matrices."""
     if path == "auto":
         n, D, r = B.shape
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lam, gam))
-        path = choose_path(x.numel() // x.shape[-1], D, A.shape[1], n * r, transposed, backward=grad)
+        density = 1.0 if sparse is None else sparse[0].values().numel() / (D * n * r)
+        path = choose_path(x.numel() // x.shape[-1], D, A.shape[1], n * r, transposed, grad, density)
     elif path not in ("materialised", "factored"):
         raise ValueError(f"path must be 'auto', 'materialised' or 'factored', got {path!r}")
-    return RandLoRAFunction.apply(x, weight, bias, lam, gam, A, B, scale, transposed, path)
+    return RandLoRAFunction.apply(x, weight, bias, lam, gam, A, B, scale, transposed, path, None, sparse)
 
 
 # ----------------------------------------------------------------------------------------
@@ -316,8 +406,8 @@ class RandLoRA(nn.Module):
         """DeltaW in the base weight's own layout ((in, out) for a Conv1D)."""
         A, B = self.bases()
         dt = torch.promote_types(self.lam.dtype, A.dtype)
-        Bcat, Q = _stack(A.to(dt), B.to(dt), self.gam.to(dt))         # (D, m), (m, k)
-        dw = _delta(Bcat, Q, self.lam.to(dt), self.scale, self.transposed)   # (out, in)
+        Bcat, LQ = _stack(A.to(dt), B.to(dt), self.lam.to(dt), self.gam.to(dt))   # (D, m), (m, k)
+        dw = _delta(Bcat, LQ, self.scale, self.transposed)              # (out, in)
         return dw.T if self.fan_in_fan_out else dw
 
     def forward(self, W):                                               # as a parametrization
@@ -364,7 +454,8 @@ class RandLoRALinear(RandLoRA):
         if self.merged:
             return F.linear(x, W, self.bias)
         A, B = self.bases()
-        args = (self.lam, self.gam, A, B, self.scale, self.transposed, self.path)
+        args = (self.lam, self.gam, A, B, self.scale, self.transposed, self.path,
+                self._shared.sparse_operands(self.n, self.D))
         if self.training and self.dropout.p > 0:                       # the update sees other x
             return F.linear(x, W, self.bias) + randlora_linear(self.dropout(x), None, None, *args)
         return randlora_linear(x, W, self.bias, *args)
@@ -381,7 +472,9 @@ class LoRALinear(LoRA):
         if self.merged:
             return y
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))        # (..., r)
-        return y + self.scale * F.linear(h, self.lora_B.to(x.dtype))
+        y2 = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r),   # y + s h B^T, fused
+                         self.lora_B.to(x.dtype).T, alpha=self.scale)  # (T, out)
+        return y2.reshape(y.shape)
 
 
 # ----------------------------------------------------------------------------------------

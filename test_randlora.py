@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import json
 import math
 import os
 import pickle
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import bench
 import demo_toy
 import demo_vit
 import randlora as R
@@ -1735,3 +1737,169 @@ def test_bit_flipped_checkpoint_fails_or_loads_exactly_what_was_saved(tmp_path):
         if any(not torch.equal(bits(loaded[k]), bits(saved[k])) for k in saved):
             silently_changed.append(i)
     assert not silently_changed, f"{len(silently_changed)} of {len(raw)} one-bit flips load other values"
+
+# --------------------------------------------------------------------------- bench.py and the fast path
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    rows = bench.main(["--quick", "--tokens", "16", "48", "--repeats", "1", "--warmup", "0", "--json", str(path)])
+    return rows, json.loads(path.read_text())
+
+
+def test_bench_quick_run_gives_a_row_per_method_and_T_with_every_field(quick_run):
+    rows, _ = quick_run
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [(r["T"], r["method"]) for r in train] == [(T, m) for T in (16, 48) for m in bench.METHODS]
+    for r in train:
+        assert {"ms", "times_ms", "x_lora", "x_full", "trainable", "saved_bytes", "paths"} <= set(r)
+        assert r["ms"] > 0 and r["saved_bytes"] >= 0 and math.isfinite(r["x_lora"])
+    by = {(r["T"], r["method"]): r for r in train}
+    assert by[16, "lora"]["x_lora"] == 1.0 and by[16, "full"]["x_full"] == 1.0
+    assert by[16, "frozen"]["trainable"] == 0 and by[16, "frozen"]["saved_bytes"] == 0
+    assert by[16, "full"]["trainable"] == sum(p.numel() for p in bench.make_model("vit", 1).parameters())
+    assert abs(by[16, "randlora"]["trainable"] - by[16, "lora"]["trainable"]) < 0.05 * by[16, "lora"]["trainable"]
+    infer = {(r["T"], r["method"]): r for r in rows if r["kind"] == "infer"}
+    assert set(infer) == {(T, m) for T in (16, 48) for m in ("base", "merged")}
+    assert infer[16, "base"]["x_base"] == 1.0
+
+
+def test_bench_json_holds_rows_checks_and_environment(quick_run):
+    rows, saved = quick_run
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert {"torch", "threads", "loadavg"} <= set(saved["environment"])
+    assert all(c["ok"] == (c["value"] <= c["limit"]) for c in saved["checks"])
+
+
+def test_targets_are_marked_from_the_numbers():
+    def row(method, ms, saved, x_lora, x_full):
+        return dict(kind="train", T=6400, method=method, ms=ms, saved_bytes=saved, x_lora=x_lora, x_full=x_full)
+    rows = [row("lora", 1.0, 100, 1.0, 0.5), row("randlora", 1.25, 90, 1.25, 1.2),
+            dict(kind="infer", T=6400, method="merged", x_base=1.02)]
+    got = {c["target"]: c["ok"] for c in bench.checks(rows)}
+    assert got == {"saved bytes <= LoRA": True, "step time / LoRA": True, "step time / full FT": False,
+                   "merged inference / base": True}
+
+
+# --------------------------------------------------------------------------- saved bytes
+
+
+def test_saved_bytes_of_a_trainable_linear_is_exactly_its_input():
+    T, i, o = 37, 24, 10
+    lin = nn.Linear(i, o)
+    assert bench.saved_bytes(lin, torch.randn(T, i)) == T * i * 4       # x for the weight gradient
+
+
+def test_saved_bytes_of_a_frozen_linear_is_zero():
+    """For the input gradient a frozen layer keeps only W^T, a view of its parameter."""
+    lin = nn.Linear(24, 10).requires_grad_(False)
+    assert bench.saved_bytes(lin, torch.randn(37, 24, requires_grad=True)) == 0
+
+
+def test_saved_bytes_counts_a_tensor_saved_twice_once():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + x[:, :4] * x[:, 4:]      # x saved by a, b, and its views by mul
+
+    x = torch.randn(5, 8, requires_grad=True)
+    assert bench.saved_bytes(Twice(), x) == 5 * 8 * 4
+
+
+@pytest.mark.parametrize("T", [1, 40, 300])
+def test_randlora_saves_no_more_than_lora(T):
+    base = nn.Sequential(bench.Block(32, 128))
+    x = torch.randn(T, 32, requires_grad=True)
+    got = {m: bench.saved_bytes(bench.build(m, base, R)[0], x) for m in ("lora", "randlora", "randlora_vsparse")}
+    assert got["randlora"] == got["randlora_vsparse"] == T * 4 * (3 * 32 + 128)   # x of each layer
+    assert got["randlora"] <= got["lora"] == T * 4 * (3 * 32 + 128 + 4 * bench.LORA_RANK)
+
+
+# --------------------------------------------------------------------------- the two paths
+
+
+@pytest.mark.parametrize("i,o", [(48, 144), (48, 48), (192, 48)])      # qkv, proj, fc2 at 1/16 scale
+def test_both_paths_give_the_same_outputs_and_gradients(i, o):
+    g = torch.Generator().manual_seed(i + o)
+    k, D = min(i, o), max(i, o)
+    r = 4
+    n = math.ceil(k / r)
+    A, B = (t.double() for t in R.make_bases(r, k, D, "very_sparse" if i == o else "uniform", 1))
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    tensors = (rnd(3, 5, i), rnd(o, i), rnd(o), rnd(n, r), rnd(n, k))
+    out = {}
+    for path in ("materialised", "factored"):
+        y = R.randlora_linear(*tensors, A, B[:n], 0.5, i > o, path=path)
+        out[path] = (y, *torch.autograd.grad(y, tensors, torch.ones_like(y)))
+    for a, b in zip(out["materialised"], out["factored"]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["qkv", "proj", "fc1", "fc2"])
+def test_choose_path_flips_at_the_crossover_of_path_costs(name):
+    """Find by bisection the first T at which path_costs says materialising is cheaper, for
+    each ViT-B layer at the equal-parameter rank; choose_path must flip exactly there."""
+    model = bench.make_model("vit", 1)
+    r = R.rank_for_budget(model, bench.TARGETS, bench.LORA_RANK)
+    w = getattr(model[0], name).weight
+    out, i = w.shape
+    k, D, m, tr = min(i, out), max(i, out), math.ceil(min(i, out) / r) * r, i > out
+    cheaper = lambda T: (lambda c: c["materialised"] <= c["factored"])(R.path_costs(T, D, k, m, tr))
+    lo, hi = 1, 1 << 20
+    assert not cheaper(lo) and cheaper(hi)
+    while hi - lo > 1:                                                  # invariant: not cheaper(lo), cheaper(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if cheaper(mid) else (mid, hi)
+    assert R.choose_path(lo, D, k, m, tr) == "factored"
+    assert R.choose_path(hi, D, k, m, tr) == "materialised"
+    assert 0.2 * k < hi <= 2 * k                                          # "below roughly k"
+
+
+# --------------------------------------------------------------------------- the fast path (issue 5)
+# The backward plans and the CSR operands of very sparse bases, against the eq. 4 oracle.
+
+
+def _oracle(x, w, b, lam, gam, A, B, s, transposed):
+    U = s * sum(B[j] @ torch.diag(lam[j]) @ A @ torch.diag(gam[j]) for j in range(B.shape[0]))
+    return torch.nn.functional.linear(x, w + (U.T if transposed else U), b)
+
+
+@pytest.mark.parametrize("i,o", [(12, 30), (30, 12)])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_every_backward_plan_and_the_csr_operands_match_the_oracle(i, o, sparse):
+    g = torch.Generator().manual_seed(i)
+    k, D, r = min(i, o), max(i, o), 4
+    n = math.ceil(k / r)
+    A, B = (t.double() for t in R.make_bases(r, k, D, "very_sparse", 2))
+    B = B[:n]
+    Bcat = B.transpose(0, 1).reshape(D, n * r)
+    sp = (Bcat.to_sparse_csr(), Bcat.T.to_sparse_csr()) if sparse else None
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    tensors = (rnd(7, i), rnd(o, i), rnd(o), rnd(n, r), rnd(n, k))
+    y_ref = _oracle(*tensors, A, B, 0.5, i > o)
+    gy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad(y_ref, tensors, gy)
+    for path in ("materialised", "factored"):
+        for plan in [(a, b) for a in ("weight", "tokens") for b in ("weight", "tokens")]:
+            y = R.RandLoRAFunction.apply(*tensors, A, B, 0.5, i > o, path, plan, sp)
+            torch.testing.assert_close(y, y_ref)
+            for got, want in zip(torch.autograd.grad(y, tensors, gy), ref):
+                torch.testing.assert_close(got, want)
+
+
+def test_backward_plan_takes_lam_gam_gradients_from_tokens_below_T_equals_D():
+    D, k = 3072, 768
+    assert R.backward_plan(D // 2, D, k, k, False)[0] == "tokens"
+    assert R.backward_plan(2 * D, D, k, k, False) == ("weight", "weight")
+
+
+def test_very_sparse_bases_multiply_as_csr_and_dense_bases_do_not():
+    for basis, expect in (("very_sparse", True), ("uniform", False)):
+        model = nn.Sequential(bench.Block(256, 1024))
+        R.add_randlora(model, bench.TARGETS, r=8, alpha=8.0, basis=basis)
+        shared = next(m for m in model.modules() if isinstance(m, R.SharedBases))
+        assert (shared.sparse_operands(32, 1024) is not None) == expect
