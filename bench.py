@@ -24,10 +24,10 @@ after `warmup` steps, with the methods interleaved round-robin (the order rotate
 round) so that load from other processes falls on all of them alike; ratios are taken within
 the run. Activation bytes are counted exactly with saved_tensors_hooks (see `saved_bytes`).
 Merged inference compares `randlora.merge(model)` against the unpatched base model under
-torch.no_grad.
+torch.no_grad, with 3x the repeats (the two do the same work, so only noise separates them).
 
-    python bench.py [--shape vit|llm] [--tokens 256 1600 6400] [--repeats 5] [--warmup 1]
-                    [--quick] [--json FILE] [--impl PATH/TO/randlora_variant.py]
+    python bench.py [--shape vit|llm] [--blocks N] [--tokens 256 1600 6400] [--repeats 5]
+                    [--warmup 1] [--methods ...] [--quick] [--json FILE] [--impl PATH/TO/variant.py]
 
 Targets (issue 5), marked pass/miss from the numbers: saved bytes RandLoRA <= LoRA at every T;
 step time RandLoRA <= 1.3x LoRA at T = 6400, <= 1.9x at 1600, <= 2.5x at 256, and <= 1.1x
@@ -41,7 +41,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -63,7 +62,6 @@ SHAPES = {                                    # d, d_ff, blocks
 }
 TARGETS = ("qkv", "proj", "fc1", "fc2")
 METHODS = ("frozen", "lora", "randlora", "randlora_vsparse", "full")
-ADAPTERS = ("lora", "randlora", "randlora_vsparse")
 LORA_RANK = 32
 TOKENS = (256, 1600, 6400)
 STEP_TARGETS = {6400: 1.3, 1600: 1.9, 256: 2.5}   # RandLoRA step time / LoRA's, at most
@@ -239,7 +237,7 @@ def run(shape="vit", tokens=TOKENS, repeats=5, warmup=1, quick=False, impl=None,
         if infer is not None:
             xs = x.detach()
             fns = {k: (lambda mdl=mdl: _no_grad_forward(mdl, xs)) for k, mdl in infer.items()}
-            times = interleaved(fns, repeats, warmup)
+            times = interleaved(fns, 3 * repeats, warmup)              # same work: a finer look
             med, cpu = _medians(times, "wall"), _medians(times, "cpu")
             for k in infer:
                 rows.append(dict(kind="infer", shape=shape, T=T, method=k, ms=1e3 * med[k], cpu_ms=1e3 * cpu[k],
