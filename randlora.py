@@ -383,6 +383,9 @@ def _param_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 class RandLoRA(nn.Module):
+    """The update of one frozen weight: lam (n, r), gam (n, k), views of the shared bases.
+    Used directly it is a parametrization of a raw weight: forward(W) = W + DeltaW."""
+
     def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False):
         super().__init__()
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
