@@ -211,6 +211,11 @@ def _bf(density: float) -> float:
     return 1.0 if density > SPARSE_DENSITY else min(1.0, SPARSE_OVERHEAD * density)
 
 
+def _density(sparse, D: int, m: int) -> float:
+    """Fraction of non-zeros in a layer's (D, m) Bcat from its CSR copies; 1 without them."""
+    return 1.0 if sparse is None else sparse[0].values().numel() / (D * m)
+
+
 def path_costs(T: int, D: int, k: int, m: int, transposed: bool, backward: bool = True,
                density: float = 1.0) -> dict:
     """Multiply-adds of one adapted layer (forward, plus backward when `backward`).
@@ -294,7 +299,7 @@ class RandLoRAFunction(torch.autograd.Function):
         elif ctx.path == "factored":
             lg_from, gx_from = "tokens", "tokens"
         else:
-            bf = 1.0 if sp is None else _bf(sp[0].values().numel() / (D * m))
+            bf = _bf(_density(sp, D, m))
             lg_from, gx_from = backward_plan(T, D, k, m, tr, need_x, need_w, bf)
         gx = gb = glam = ggam = ZT = None                               # ZT (m, T): (gy Bcat)^T or (x Bcat)^T
         G = gy2.T @ x2 if need_w or ((need_lam or need_gam) and lg_from == "weight") else None  # (out, in)
@@ -365,8 +370,8 @@ def randlora_linear(x, weight, bias, lam, gam, A, B, scale, transposed, path="au
     if path == "auto":
         n, D, r = B.shape
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lam, gam))
-        density = 1.0 if sparse is None else sparse[0].values().numel() / (D * n * r)
-        path = choose_path(x.numel() // x.shape[-1], D, A.shape[1], n * r, transposed, grad, density)
+        path = choose_path(x.numel() // x.shape[-1], D, A.shape[1], n * r, transposed, grad,
+                           _density(sparse, D, n * r))
     elif path not in ("materialised", "factored"):
         raise ValueError(f"path must be 'auto', 'materialised' or 'factored', got {path!r}")
     return RandLoRAFunction.apply(x, weight, bias, lam, gam, A, B, scale, transposed, path, None, sparse)
