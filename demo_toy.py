@@ -110,7 +110,7 @@ def train(method, r, base, train_data, steps, lr, seed):
     if method == "lora":
         randlora.add_lora(model, NAMES, r=r, alpha=r, seed=seed)          # s = alpha / r = 1
     elif method == "randlora":
-        randlora.add_randlora(model, NAMES, r=r, alpha=r, seed=seed)      # s = 1; lam 0, gam 1/k
+        randlora.add_randlora(model, NAMES, r=r, alpha=r, seed=seed)      # s = 1 / sqrt(n); lam 0, gam 1/D
     else:
         model.requires_grad_(True)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)

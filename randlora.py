@@ -13,31 +13,41 @@ Symbols and shapes (letters used in every shape comment below):
     k, D       min(in, out), max(in, out)
     r          rank of each random basis;  n = ceil(k / r) bases;  m = n * r >= k
     A          (r, k)       = A_full[:, :k]        one A shared by all n bases of a layer
-    B          (n, D, r)    = B_full[:n, :D, :]    B_b = B[b]
+    B          (n, D, r)    = B_full[:n, :D, :]    B_b = B[b];  Bcat = [B_1 .. B_n]  (D, m)
     lam        (n, r)       trainable, init 0       the diagonals of Lambda_b
-    gam        (n, k)       trainable, init 1/k     the diagonals of Gamma_b
-    s          alpha / r
+    gam        (n, k)       trainable, init 1/D     the diagonals of Gamma_b
+    s          alpha / (r * sqrt(n))
 A_full (r, k_max) and B_full (n_max, D_max, r) are generated once per model and every layer
 reads views of them: no layer owns a copy. A layer trains n * (r + k) numbers.
 
-Why the update is full rank. Stack the bases: P = [B_1 diag(lam_1) .. B_n diag(lam_n)] is
-(D, m) and Q = [A diag(gam_1); ..; A diag(gam_n)] is (m, k), so U = s P Q. With m >= k,
-random bases and generic lam, gam (distinct across b), both factors have rank k, and so has U,
-although each term has rank r. LoRA's s B A (B (out, r), A (r, in)) has rank <= r, so by
-Eckart-Young its error on a target update is at least sqrt(sum_{i>r} sigma_i^2) (eq. 8).
-Two caveats the tests pin down: at init gam_b = 1/k for every b, so Q has rank r until
-training separates them; and a column of a sparse ternary A that is all zero (probability
-(1 - 1/s)^r per column) is a zero column of U, so very sparse bases with small r lose rank.
+Scale and initialisation follow the authors' code [1, app. C.4]: s = alpha / r is further
+divided by sqrt(n), because a sum of n independent random rank-r terms grows like sqrt(n)
+(its norm would otherwise rise with the layer's width); lam starts at 0, so the patched model
+equals the base model, and gam at 1/D. With the paper's alpha = 2r, s = 2 / sqrt(n).
 
-Cost. The autograd function saves only x for backward and recomputes the rest. Per layer it
-either materialises W + DeltaW (~3TDk + 3Dkm multiply-adds per training step when T >= D) or
-keeps the update factored (~4TDk + 3Tkm); `path_costs` picks the cheaper one for the shapes
-at hand, and backward picks its own cheapest contraction. Very sparse bases multiply as CSR
-matrices, which removes most of the Dkm and TDm terms.
+Why the update is full rank. Stack the bases: P = [B_1 diag(lam_1) .. B_n diag(lam_n)] is
+(D, m) and Q = [A diag(gam_1); ..; A diag(gam_n)] is (m, k), so U = s P Q = s Bcat LQ with
+LQ = diag(lam) Q. With m >= k, random bases and generic lam, gam (distinct across b), both
+factors have rank k, and so has U, although each term has rank r. LoRA's s B A (B (out, r),
+A (r, in)) has rank <= r, so by Eckart-Young its error on a target update is at least
+sqrt(sum_{i>r} sigma_i^2) (eq. 8). Two caveats the tests pin down: at init gam_b = 1/D for
+every b, so Q has rank r until training separates them; and a column of a sparse ternary A
+that is all zero (probability (1 - 1/s)^r per column) is a zero column of U.
+
+Cost, and the one rule that picks a path. The autograd function saves only x for backward and
+recomputes the rest. A layer either materialises W + DeltaW or keeps the update factored,
+projecting the tokens through the bases. Counting multiply-adds per layer (tr = 1 if in > out):
+
+    inference   materialised  TDk + Dkm          factored  TDk + TDm + Tkm
+    training    materialised  3TDk + 3Dkm        factored  2TDk + (2 + tr) TDm + 3Tkm
+
+so materialising is the cheaper from T >= Dkm / (Dm + km) (inference), and from
+T >= 3Dkm / ((2 + tr) Dm + 3km - Dk) (training). Both thresholds depend only on the layer's
+shape: they are computed once, when the layer is built, and the forward compares T with one.
 
 References
     [1] Albert et al., RandLoRA: Full-rank parameter-efficient fine-tuning of large models,
-        ICLR 2025, arXiv 2502.00987 (sec. 4: eqs. 4 and 8; sec. 6.4 and app. C.5-C.6).
+        ICLR 2025, arXiv 2502.00987 (sec. 4: eqs. 4 and 8; sec. 6.4 and app. C.4-C.6).
     [2] Li, Hastie, Church, Very sparse random projections, KDD 2006 (ternary bases).
     [3] Hu et al., LoRA: Low-rank adaptation of large language models, ICLR 2022.
 """
@@ -45,7 +55,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,10 +62,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: s = alpha / (r sqrt(n)), gam from 1/D; 1 had s = alpha / r, 1/k
 BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
-SPARSE_DENSITY = 0.05        # bases at most this dense multiply as CSR matrices (CPU, fp32/64)
-SPARSE_OVERHEAD = 10.0       # time of a CSR product per non-zero, in dense multiply-adds (bench.py)
+PATHS = ("auto", "materialised", "factored")
 
 # ----------------------------------------------------------------------------------------
 # Configuration
@@ -66,7 +74,7 @@ SPARSE_OVERHEAD = 10.0       # time of a CSR product per non-zero, in dense mult
 class AdapterConfig:
     method: str                          # "randlora" or "lora"
     r: int                               # rank of each random basis (RandLoRA) / of the update (LoRA)
-    alpha: float                         # update scale s = alpha / r
+    alpha: float                         # s = alpha / (r sqrt(n)) (RandLoRA), alpha / r (LoRA)
     basis: str = "uniform"               # distribution of the frozen bases (RandLoRA only)
     seed: int = 0                        # seeds the bases (RandLoRA) or LoRA's A
     dropout: float = 0.0                 # dropout on the adapter branch's input while training
@@ -95,150 +103,59 @@ def _sample(shape, basis: str, D_max: int, gen: torch.Generator) -> torch.Tensor
 
 def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int = 0):
     """A_full (r, k_max) and B_full (n_max, D_max, r), float32, bit-identical for a seed on
-    any hardware: drawn on the CPU from their own generator (A first, then B)."""
+    any hardware: drawn on the CPU from their own generator (A first, then B). B_full is
+    stored D-major, so that every layer's Bcat (D, m) is a view, not a copy."""
     gen = torch.Generator("cpu").manual_seed(seed)
     A = _sample((r, k_max), basis, D_max, gen)                          # (r, k_max)
     B = _sample((math.ceil(k_max / r), D_max, r), basis, D_max, gen)    # (n_max, D_max, r)
-    return A, B.transpose(0, 1).contiguous().transpose(0, 1)           # stored D-major: see _stack
+    return A, B.transpose(0, 1).contiguous().transpose(0, 1)           # strides (r, n_max r, 1)
 
 
 class SharedBases(nn.Module):
     """Holds A_full and B_full once per model, as non-persistent buffers, so that `model.to()`
-    converts them once and checkpoints never contain them. Layers keep a plain reference."""
+    converts them once and checkpoints never contain them. Each layer keeps plain views of
+    them; after the buffers move (`.to()`, `.half()`) this module refreshes those views."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, config: AdapterConfig):
         super().__init__()
-        self.config = config
+        self.config, self.layers = config, []                           # layers: plain references
         self.register_buffer("A", A, persistent=False)                  # (r, k_max)
         self.register_buffer("B", B, persistent=False)                  # (n_max, D_max, r)
-        self.density = float(B.count_nonzero()) / max(B.numel(), 1)     # 1/s for ternary bases
-        self._csr, self._csr_of = {}, None                             # derived, never saved
 
-    def __getstate__(self):                                             # copies rebuild the cache
-        return {**super().__getstate__(), "_csr": {}, "_csr_of": None}
-
-    def sparse_operands(self, n: int, D: int):
-        """(Bcat, Bcat^T) of a layer with n bases and D rows as CSR matrices when the bases are
-        very sparse (on the CPU, float32/64), else None. Built on first use and kept, per
-        device, dtype and version of B: the bases are frozen."""
-        B = self.B
-        if self.density > SPARSE_DENSITY or B.device.type != "cpu" or B.dtype not in (torch.float32, torch.float64):
-            return None
-        if self._csr_of != (B.device, B.dtype, B._version):
-            self._csr, self._csr_of = {}, (B.device, B.dtype, B._version)
-        if (n, D) not in self._csr:
-            Bcat = B[:n, :D].transpose(0, 1).reshape(D, -1)             # (D, m)
-            with warnings.catch_warnings():                             # "CSR support is in beta"
-                warnings.simplefilter("ignore")
-                self._csr[n, D] = (Bcat.to_sparse_csr(), Bcat.T.to_sparse_csr())
-        return self._csr[n, D]
-
-
-def _stack(A, B, lam, gam):
-    """Bcat = [B_1 .. B_n] (D, m), a view when B is stored D-major (make_bases does so), and
-    LQ = diag(lam) Q, Q = [A diag(gam_1); ..; A diag(gam_n)] (m, k): P Q = Bcat LQ, with lam
-    on the m k side rather than the D m one."""
-    n, D, r = B.shape
-    Bcat = B.transpose(0, 1).reshape(D, n * r)                          # (D, m)
-    LQ = (lam[:, :, None] * gam[:, None, :] * A).reshape(n * r, A.shape[1])   # (m, k)
-    return Bcat, LQ
-
-
-def _bmm(Bcat, sp, M, t=False):
-    """Bcat @ M (Bcat^T @ M when t), through the CSR copies sp = (Bcat, Bcat^T) when given."""
-    return (Bcat.T if t else Bcat) @ M if sp is None else sp[t] @ M
-
-
-def _delta(Bcat, LQ, scale, transposed, base=None, sp=None):
-    """DeltaW = s * Bcat @ LQ in (out, in) layout, added to `base` if given. The one
-    implementation of eq. 4 that delta_weight() and the autograd functions share."""
-    if sp is not None:
-        U = sp[0] @ LQ                                                  # (D, k)
-        U = U.T if transposed else U                                    # (out, in)
-        return scale * U if base is None else base.add(U, alpha=scale)
-    L, R = (LQ.T, Bcat.T) if transposed else (Bcat, LQ)                 # (out, m), (m, in)
-    return scale * (L @ R) if base is None else torch.addmm(base, L, R, alpha=scale)
-
-
-def _scaling_grads(H, A, lam, gam, scale, need_lam=True, need_gam=True):
-    """dL/dlam (n, r) and dL/dgam (n, k) from H = Bcat^T dL/dU (m, k), U = s Bcat diag(lam) Q:
-    dL/dlam[b, i] = s sum_c H[b r + i, c] A[i, c] gam[b, c], dL/dgam[b, c] = s sum_i (same, lam)."""
-    n, r = lam.shape
-    HA = H.reshape(n, r, -1) * A                                        # (n, r, k)
-    glam = scale * (HA * gam[:, None, :]).sum(2) if need_lam else None  # (n, r)
-    ggam = scale * (HA * lam[:, :, None]).sum(1) if need_gam else None  # (n, k)
-    return glam, ggam
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for layer in self.layers:
+            layer.refresh_views()
+        return self
 
 
 # ----------------------------------------------------------------------------------------
-# The memory-saving autograd functions and the cost model
-#
-# lam's and gam's gradients are elementwise in H = Bcat^T G_U (m, k), G_U the weight gradient
-# in (D, k) layout. H comes from the weight gradient ("weight": G = gy^T x, TDk, then Bcat^T G,
-# Dkm) or from the tokens projected through Bcat ("tokens": gy Bcat or x Bcat, TDm, then a
-# (m, T) (T, k) product, Tmk); with m ~ k, tokens is the cheaper when T < D. x's gradient comes
-# from W + DeltaW formed again ("weight", Dkm) or through the projections ("tokens").
+# The memory-saving autograd functions. Both paths share these helpers; DeltaW is formed by
+# _delta only. H = Bcat^T G_U (m, k), G_U the weight gradient in (D, k) layout, gives lam's and
+# gam's gradients elementwise (_scaling_grads).
 
 
-def _backward_costs(T, D, k, m, transposed, need_x=True, need_w=False, bf=1.0) -> dict:
-    """{(lam_gam_from, gx_from): multiply-adds of backward} for the four ways to run it.
-    bf: the cost of a product with Bcat relative to dense (_bf(density) for CSR bases)."""
-    proj, form = bf * T * D * m, bf * D * k * m                       # gy Bcat or x Bcat; Bcat LQ
-    out = {}
-    for lg in ("weight", "tokens"):
-        for gx in ("weight", "tokens"):
-            c = T * D * k if (need_w or lg == "weight") else 0        # G = gy^T x
-            c += form if lg == "weight" else proj + T * m * k          # H
-            if need_x:
-                c += T * D * k                                         # gy W (or gy W_eff)
-                if gx == "weight":
-                    c += form                                          # W + DeltaW again
-                elif transposed:
-                    c += T * k * m + proj                              # (gy LQ^T) Bcat^T
-                else:
-                    c += T * m * k + (0 if lg == "tokens" else proj)   # (gy Bcat) LQ
-            out[lg, gx] = c
-    return out
+def _lq(lam, gam, A):
+    """LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)] (m, k): U = s Bcat LQ."""
+    return (lam[:, :, None] * gam[:, None, :] * A).reshape(-1, A.shape[1])   # (n, r, k) -> (m, k)
 
 
-def backward_plan(T, D, k, m, transposed, need_x=True, need_w=False, bf=1.0) -> tuple:
-    """The cheapest (lam_gam_from, gx_from) for the materialised path's backward."""
-    c = _backward_costs(T, D, k, m, transposed, need_x, need_w, bf)
-    return min(c, key=c.get)
+def _addmm(base, L, R, s):
+    """base + s L R, or s L R when base is None."""
+    return torch.mm(L, R).mul_(s) if base is None else torch.addmm(base, L, R, alpha=s)
 
 
-def _bf(density: float) -> float:
-    return 1.0 if density > SPARSE_DENSITY else min(1.0, SPARSE_OVERHEAD * density)
+def _delta(Bcat, LQ, s, transposed, base=None):
+    """DeltaW = s Bcat LQ in (out, in) layout, added to `base` if given: the one implementation
+    of eq. 4 that delta_weight(), merge and the autograd functions share."""
+    return _addmm(base, LQ.T, Bcat.T, s) if transposed else _addmm(base, Bcat, LQ, s)
 
 
-def _density(sparse, D: int, m: int) -> float:
-    """Fraction of non-zeros in a layer's (D, m) Bcat from its CSR copies; 1 without them."""
-    return 1.0 if sparse is None else sparse[0].values().numel() / (D * m)
-
-
-def path_costs(T: int, D: int, k: int, m: int, transposed: bool, backward: bool = True,
-               density: float = 1.0) -> dict:
-    """Multiply-adds of one adapted layer (forward, plus backward when `backward`).
-
-    frozen:        x W^T and, in backward, gy W                               2TDk
-    materialised:  form W + DeltaW (Dkm), one matmul forward; backward by the cheapest plan
-                   (backward_plan); for T >= D: gy W_eff, G = gy^T x, Bcat^T G   3TDk + 3Dkm
-    factored:      project x through LQ^T or Bcat (T, m), never forming DeltaW; backward
-                   projects again        in <= out: 2TDk + 2TDm + 3Tkm, in > out: 2TDk + 3TDm + 3Tkm
-    Materialising wins from T ~ Dk / (D + k), between k/2 and k. With `density` <= SPARSE_DENSITY
-    the bases multiply as CSR matrices and every product with Bcat costs _bf(density) of dense."""
-    bf = _bf(density)
-    fwd_f = T * D * k + T * k * m + bf * T * D * m
-    if not backward:
-        return {"frozen": T * D * k, "materialised": T * D * k + bf * D * k * m, "factored": fwd_f}
-    bwd = _backward_costs(T, D, k, m, transposed, bf=bf)
-    return {"frozen": 2 * T * D * k, "materialised": T * D * k + bf * D * k * m + min(bwd.values()),
-            "factored": fwd_f + bwd["tokens", "tokens"]}
-
-
-def choose_path(T, D, k, m, transposed, backward=True, density=1.0) -> str:
-    c = path_costs(T, D, k, m, transposed, backward, density)
-    return "materialised" if c["materialised"] <= c["factored"] else "factored"
+def _scaling_grads(H, A, lam, gam, s):
+    """dL/dlam (n, r) and dL/dgam (n, k) from H = Bcat^T G_U (m, k), U = s Bcat diag(lam) Q:
+    dL/dlam[b, i] = s sum_c H[b r + i, c] A[i, c] gam[b, c], dL/dgam[b, c] = s sum_i (same, lam)."""
+    HA = H.reshape(lam.shape[0], lam.shape[1], -1).to(lam.dtype) * A    # (n, r, k)
+    return s * (HA * gam[:, None, :]).sum(2), s * (HA * lam[:, :, None]).sum(1)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -247,134 +164,98 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class RandLoRAFunction(torch.autograd.Function):
-    """y = x W^T + bias + x DeltaW^T. Saves x and references to W, bias, lam, gam, A, B, which
-    exist anyway; DeltaW, W + DeltaW, the weight gradient and the (T, m) projections are
-    recomputed in backward instead of being kept alive. `weight=None` computes the update
-    branch alone. `plan` forces backward's (lam_gam_from, gx_from) (tests); None: the cheapest.
-    `sparse`: CSR copies of (Bcat, Bcat^T) from SharedBases.sparse_operands, or None; constants
-    of the model like `scale`, so they are kept on ctx, not saved."""
+    """y = x W^T + bias + x DeltaW^T. Saves x and references to W, bias, lam, gam, A, Bcat,
+    which exist anyway; DeltaW, W + DeltaW, the weight gradient and the (T, m) projections
+    are recomputed in backward instead of being kept alive. `weight=None` computes the
+    update branch alone. `materialise` picks the path (module docstring); each path has one
+    fixed backward."""
 
     @staticmethod
-    def forward(x, weight, bias, lam, gam, A, B, scale, transposed, path, plan=None, sparse=None):
+    def forward(x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
         dt = _compute_dtype(x)
-        sp = sparse if sparse is not None and sparse[0].dtype == dt else None
         x2 = x.reshape(-1, x.shape[-1]).to(dt)                          # (T, in)
-        Bcat, LQ = _stack(A.to(dt), B.to(dt), lam.to(dt), gam.to(dt))   # (D, m), (m, k)
+        Bc, LQ = Bcat.to(dt), _lq(lam, gam, A).to(dt)                   # (D, m), (m, k)
         w = None if weight is None else weight.to(dt)                   # (out, in)
         b = None if bias is None else bias.to(dt)                       # (out,)
-        if path == "materialised":
-            y = F.linear(x2, _delta(Bcat, LQ, scale, transposed, w, sp), b)   # (T, out)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
-        out_f = LQ.shape[1] if transposed else Bcat.shape[0]
-        y = x2.new_zeros(x2.shape[0], out_f) if w is None else F.linear(x2, w, b)   # (T, out)
-        if transposed:                                                  # y += s (x Bcat) LQ
-            y.addmm_(_bmm(Bcat, sp, x2.T, t=True).T, LQ, alpha=scale)
-        elif sp is None:                                                # y += s (x LQ^T) Bcat^T
-            y.addmm_(x2 @ LQ.T, Bcat.T, alpha=scale)
-        else:
-            y.add_((sp[0] @ (LQ @ x2.T)).T, alpha=scale)
+        if materialise:
+            y = F.linear(x2, _delta(Bc, LQ, scale, transposed, w), b)   # (T, out)
+        else:                                                           # x DeltaW^T = (x L) R
+            L, R = (Bc, LQ) if transposed else (LQ.T, Bc.T)             # (in, m), (m, out)
+            y = _addmm(None if w is None else F.linear(x2, w, b), x2 @ L, R, scale)   # (T, out)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, lam, gam, A, B, scale, transposed, path, plan, sparse = inputs
-        ctx.save_for_backward(x, weight, bias, lam, gam, A, B)
-        ctx.scale, ctx.transposed, ctx.path, ctx.plan, ctx.dtype = scale, transposed, path, plan, _compute_dtype(x)
-        ctx.sparse = sparse if sparse is not None and sparse[0].dtype == ctx.dtype else None
+        x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise = inputs
+        ctx.save_for_backward(x, weight, bias, lam, gam, A, Bcat)
+        ctx.scale, ctx.transposed, ctx.materialise, ctx.dtype = scale, transposed, materialise, output.dtype
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, bias, lam, gam, A, B = ctx.saved_tensors
+        x, weight, bias, lam, gam, A, Bcat = ctx.saved_tensors
         need_x, need_w, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
-        s, tr, dt, sp = ctx.scale, ctx.transposed, ctx.dtype, ctx.sparse
+        s, tr, dt = ctx.scale, ctx.transposed, ctx.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dt)                          # (T, in)
         gy2 = gy.reshape(-1, gy.shape[-1]).to(dt)                       # (T, out)
-        n, D, r = B.shape
-        A_c, lam_c, gam_c = A.to(dt), lam.to(dt), gam.to(dt)            # (r, k), (n, r), (n, k)
-        Bcat, LQ = _stack(A_c, B.to(dt), lam_c, gam_c)                  # (D, m), (m, k)
+        Bc, LQ = Bcat.to(dt), _lq(lam, gam, A).to(dt)                   # (D, m), (m, k)
         w = None if weight is None else weight.to(dt)                   # (out, in)
-        T, k, m = x2.shape[0], A.shape[1], n * r
-        if ctx.plan is not None:
-            lg_from, gx_from = ctx.plan
-        elif ctx.path == "factored":
-            lg_from, gx_from = "tokens", "tokens"
-        else:
-            bf = _bf(_density(sp, D, m))
-            lg_from, gx_from = backward_plan(T, D, k, m, tr, need_x, need_w, bf)
-        gx = gb = glam = ggam = ZT = None                               # ZT (m, T): (gy Bcat)^T or (x Bcat)^T
-        G = gy2.T @ x2 if need_w or ((need_lam or need_gam) and lg_from == "weight") else None  # (out, in)
-        if need_lam or need_gam:
-            if lg_from == "weight":
-                H = _bmm(Bcat, sp, G.T if tr else G, t=True)            # (m, k) = Bcat^T G_U
-            else:
-                ZT = _bmm(Bcat, sp, (x2 if tr else gy2).T, t=True)      # (m, T)
-                H = ZT @ (gy2 if tr else x2)                            # (m, k)
-            glam, ggam = _scaling_grads(H, A_c, lam_c, gam_c, s, need_lam, need_gam)
+        gx = gw = gb = glam = ggam = H = None
+        G = gy2.T @ x2 if need_w or (ctx.materialise and (need_lam or need_gam)) else None  # (out, in)
+        if ctx.materialise:                                             # through the weight
+            if need_lam or need_gam:
+                H = Bc.T @ (G.T if tr else G)                           # (m, k)
+            if need_x:
+                gx = gy2 @ _delta(Bc, LQ, s, tr, w)                     # (T, in)
+        else:                                                           # through the tokens
+            Z = (x2 if tr else gy2) @ Bc                                # (T, m)
+            if need_lam or need_gam:
+                H = Z.T @ (gy2 if tr else x2)                           # (m, k)
+            if need_x:
+                gyW = None if w is None else gy2 @ w                    # (T, in)
+                gx = _addmm(gyW, gy2 @ LQ.T, Bc.T, s) if tr else _addmm(gyW, Z, LQ, s)
+        if H is not None:
+            glam, ggam = _scaling_grads(H, A, lam, gam, s)              # (n, r), (n, k)
         if need_x:
-            if gx_from == "weight":
-                gx = gy2 @ _delta(Bcat, LQ, s, tr, w, sp)               # (T, in)
-            else:
-                gx = torch.zeros_like(x2) if w is None else gy2 @ w     # (T, in)
-                if tr and sp is None:                                   # gy U^T = s (gy LQ^T) Bcat^T
-                    gx.addmm_(gy2 @ LQ.T, Bcat.T, alpha=s)
-                elif tr:
-                    gx.add_((sp[0] @ (LQ @ gy2.T)).T, alpha=s)
-                else:                                                   # gy U = s (gy Bcat) LQ
-                    ZT = _bmm(Bcat, sp, gy2.T, t=True) if ZT is None else ZT
-                    gx.addmm_(ZT.T, LQ, alpha=s)
             gx = gx.reshape(x.shape).to(x.dtype)
-        gw = G.to(weight.dtype) if need_w else None
+        if need_w:
+            gw = G.to(weight.dtype)
         if need_b:
             gb = gy2.sum(0).to(bias.dtype)                              # (out,)
-        glam = None if glam is None else glam.to(lam.dtype)
-        ggam = None if ggam is None else ggam.to(gam.dtype)
-        return gx, gw, gb, glam, ggam, None, None, None, None, None, None, None
+        return gx, gw, gb, glam, ggam, None, None, None, None, None
 
 
 class RandLoRAWeightFunction(torch.autograd.Function):
     """W + DeltaW for a raw weight adapted through target_parameters. Saves references to lam,
-    gam, A, B only; Bcat and LQ (m, k), which autograd of delta_weight() would keep for every
-    such weight, are recomputed in backward from the weight gradient G (out, in)."""
+    gam, A, Bcat only; LQ (m, k), which autograd of delta_weight() would keep for every such
+    weight, is recomputed in backward from the weight gradient G (out, in)."""
 
     @staticmethod
-    def forward(weight, lam, gam, A, B, scale, transposed):
+    def forward(weight, lam, gam, A, Bcat, scale, transposed):
         dt = torch.promote_types(weight.dtype, torch.float32)           # float32 or wider, rounded once
-        Bcat, LQ = _stack(A.to(dt), B.to(dt), lam.to(dt), gam.to(dt))   # (D, m), (m, k)
-        return _delta(Bcat, LQ, scale, transposed, base=weight.to(dt)).to(weight.dtype)
+        LQ = _lq(lam, gam, A).to(dt)                                    # (m, k)
+        return _delta(Bcat.to(dt), LQ, scale, transposed, weight.to(dt)).to(weight.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        weight, lam, gam, A, B, scale, transposed = inputs
-        ctx.save_for_backward(lam, gam, A, B)
-        ctx.scale, ctx.transposed, ctx.dtype = scale, transposed, torch.promote_types(weight.dtype, torch.float32)
+        weight, lam, gam, A, Bcat, scale, transposed = inputs
+        ctx.save_for_backward(lam, gam, A, Bcat)
+        ctx.scale, ctx.transposed = scale, transposed
 
     @staticmethod
     def backward(ctx, G):
-        lam, gam, A, B = ctx.saved_tensors
-        need_w, need_lam, need_gam = ctx.needs_input_grad[:3]
-        dt = ctx.dtype
-        A_c, lam_c, gam_c = A.to(dt), lam.to(dt), gam.to(dt)            # (r, k), (n, r), (n, k)
-        Bcat, _ = _stack(A_c, B.to(dt), lam_c, gam_c)                   # (D, m) recomputed
-        G_c = G.to(dt)                                                  # (out, in)
-        H = Bcat.T @ (G_c.T if ctx.transposed else G_c)                 # (m, k) = Bcat^T G_U
-        glam, ggam = _scaling_grads(H, A_c, lam_c, gam_c, ctx.scale, need_lam, need_gam)
-        glam = None if glam is None else glam.to(lam.dtype)             # (n, r)
-        ggam = None if ggam is None else ggam.to(gam.dtype)             # (n, k)
-        return (G if need_w else None), glam, ggam, None, None, None, None
+        lam, gam, A, Bcat = ctx.saved_tensors
+        dt = torch.promote_types(G.dtype, torch.float32)
+        H = Bcat.to(dt).T @ (G.T if ctx.transposed else G).to(dt)     # (m, k) = Bcat^T G_U
+        glam, ggam = _scaling_grads(H, A, lam, gam, ctx.scale)          # (n, r), (n, k)
+        return (G if ctx.needs_input_grad[0] else None), glam, ggam, None, None, None, None
 
 
-def randlora_linear(x, weight, bias, lam, gam, A, B, scale, transposed, path="auto", sparse=None):
-    """Functional form of the adapted layer; see RandLoRAFunction. `path="auto"` asks
-    choose_path, counting backward only when a gradient will be taken. `sparse`: the layer's
-    SharedBases.sparse_operands(n, D), or None to multiply the bases as dense matrices."""
-    if path == "auto":
-        n, D, r = B.shape
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lam, gam))
-        path = choose_path(x.numel() // x.shape[-1], D, A.shape[1], n * r, transposed, grad,
-                           _density(sparse, D, n * r))
-    elif path not in ("materialised", "factored"):
-        raise ValueError(f"path must be 'auto', 'materialised' or 'factored', got {path!r}")
-    return RandLoRAFunction.apply(x, weight, bias, lam, gam, A, B, scale, transposed, path, None, sparse)
+def path_thresholds(D: int, k: int, m: int, transposed: bool) -> tuple:
+    """(inference, training): the smallest T from which materialising costs fewer multiply-adds
+    than projecting the tokens (the table in the module docstring)."""
+    infer = D * k * m / (D * m + k * m)
+    train = 3 * D * k * m / ((2 + transposed) * D * m + 3 * k * m - D * k)
+    return math.ceil(infer), math.ceil(train)
 
 
 # ----------------------------------------------------------------------------------------
@@ -394,40 +275,46 @@ class RandLoRA(nn.Module):
     def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False):
         super().__init__()
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
-        self.k, self.D = min(in_f, out_f), max(in_f, out_f)
-        self.n, self.r, self.scale = math.ceil(self.k / r), r, alpha / r
+        self.k, self.D, self.r, self.n = min(in_f, out_f), max(in_f, out_f), r, math.ceil(min(in_f, out_f) / r)
+        self.scale = alpha / (r * math.sqrt(self.n))
         self.transposed, self.fan_in_fan_out, self.merged = in_f > out_f, fan_in_fan_out, False
+        self.thresholds = path_thresholds(self.D, self.k, self.n * r, self.transposed)
         kw = dict(device=weight.device, dtype=_param_dtype(weight))
         self.lam = nn.Parameter(torch.zeros(self.n, r, **kw))              # (n, r)
-        self.gam = nn.Parameter(torch.full((self.n, self.k), 1 / self.k, **kw))  # (n, k)
+        self.gam = nn.Parameter(torch.full((self.n, self.k), 1 / self.D, **kw))  # (n, k)
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
+        bases.layers.append(self)
+        self.refresh_views()
+
+    def refresh_views(self):
+        """This layer's views A (r, k) and Bcat (D, m) of the shared bases: made once, and again
+        by SharedBases whenever the model moves, so the forward only reads them."""
+        sh = self._shared
+        self.A = sh.A[:, : self.k]                                      # (r, k)
+        self.Bcat = sh.B[: self.n, : self.D].transpose(0, 1).reshape(self.D, -1)  # (D, m), a view
 
     def extra_repr(self):
         return f"k={self.k}, D={self.D}, r={self.r}, n={self.n}, scale={self.scale:g}, merged={self.merged}"
 
     def bases(self):
-        """This layer's views (A (r, k), B (n, D, r)) of the model's shared bases."""
-        sh = self._shared
-        return sh.A[:, : self.k], sh.B[: self.n, : self.D]
+        """This layer's views (A (r, k), B (n, D, r)) of the model's shared bases (eq. 4's B_b = B[b])."""
+        return self.A, self._shared.B[: self.n, : self.D]
 
     def delta_weight(self) -> torch.Tensor:
         """DeltaW in the base weight's own layout ((in, out) for a Conv1D)."""
-        A, B = self.bases()
-        dt = torch.promote_types(self.lam.dtype, A.dtype)
-        Bcat, LQ = _stack(A.to(dt), B.to(dt), self.lam.to(dt), self.gam.to(dt))   # (D, m), (m, k)
-        dw = _delta(Bcat, LQ, self.scale, self.transposed)              # (out, in)
-        return dw.T if self.fan_in_fan_out else dw
+        dt = torch.promote_types(self.lam.dtype, self.A.dtype)
+        dw = _delta(self.Bcat.to(dt), _lq(self.lam, self.gam, self.A).to(dt), self.scale, self.transposed)
+        return dw.T if self.fan_in_fan_out else dw                     # (out, in) or (in, out)
 
     def forward(self, W):                                               # as a parametrization
         if self.merged:
             return W
-        A, B = self.bases()
-        return RandLoRAWeightFunction.apply(W, self.lam, self.gam, A, B, self.scale, self.transposed)
+        return RandLoRAWeightFunction.apply(W, self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed)
 
 
 class LoRA(nn.Module):
-    """The baseline DeltaW = s * lora_B @ lora_A, lora_B (out, r) zero, lora_A (r, in) uniform
-    with bound 1/sqrt(in) (LoRA's usual init), from a seeded generator."""
+    """The baseline DeltaW = s * lora_B @ lora_A, s = alpha / r, lora_B (out, r) zero, lora_A
+    (r, in) uniform with bound 1/sqrt(in) (LoRA's usual init), from a seeded generator."""
 
     def __init__(self, weight, r, alpha, gen: torch.Generator, fan_in_fan_out=False):
         super().__init__()
@@ -449,24 +336,41 @@ class LoRA(nn.Module):
 def _adopt_linear(layer: nn.Module, base: nn.Module, dropout: float):
     layer.weight, layer.bias = base.weight, base.bias                  # the same frozen Parameters
     layer.dropout = nn.Dropout(dropout)
-    layer.path = "auto"                                               # or "materialised" / "factored"
 
 
 class RandLoRALinear(RandLoRA):
+    """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the rule of the module
+    docstring), or "materialised" / "factored" to force one."""
+
     def __init__(self, base: nn.Module, bases: SharedBases, r, alpha, dropout=0.0):
         super().__init__(base.weight, bases, r, alpha, fan_in_fan_out=_is_conv1d(base))
         _adopt_linear(self, base, dropout)
+        self.path = "auto"
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str):
+        if value not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {value!r}")
+        self._path = value
+
+    def chosen_path(self, T: int, grad: bool = True) -> str:
+        if self._path != "auto":
+            return self._path
+        return "materialised" if T >= self.thresholds[grad] else "factored"
 
     def forward(self, x):
         W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
         if self.merged:
             return F.linear(x, W, self.bias)
-        A, B = self.bases()
-        args = (self.lam, self.gam, A, B, self.scale, self.transposed, self.path,
-                self._shared.sparse_operands(self.n, self.D))
+        mat = self.chosen_path(x.numel() // x.shape[-1], torch.is_grad_enabled()) == "materialised"
+        args = (self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed, mat)
         if self.training and self.dropout.p > 0:                       # the update sees other x
-            return F.linear(x, W, self.bias) + randlora_linear(self.dropout(x), None, None, *args)
-        return randlora_linear(x, W, self.bias, *args)
+            return F.linear(x, W, self.bias) + RandLoRAFunction.apply(self.dropout(x), None, None, *args)
+        return RandLoRAFunction.apply(x, W, self.bias, *args)
 
 
 class LoRALinear(LoRA):
@@ -573,8 +477,9 @@ def _patch(model, config: AdapterConfig):
     if c.method == "randlora":
         A, B = make_bases(c.r, max(min(t[3].shape) for t in targets), max(max(t[3].shape) for t in targets),
                           c.basis, c.seed)
-        w0 = targets[0][3]
-        shared = SharedBases(A.to(w0.device, w0.dtype), B.to(w0.device, w0.dtype), c)
+        dts = {t[3].dtype for t in targets}                            # one dtype, or the float32 draws
+        dt = dts.pop() if len(dts) == 1 else torch.float32
+        shared = SharedBases(A.to(targets[0][3].device, dt), B.to(targets[0][3].device, dt), c)
         linear = lambda mod: RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout)
         update = lambda w: RandLoRA(w, shared, c.r, c.alpha)
     else:
@@ -710,6 +615,10 @@ def load_adapter_state_dict(model, state) -> None:
     if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
         raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
     version = state["format_version"]
+    if isinstance(version, int) and version == 1:
+        raise ValueError("checkpoint format 1 predates the paper's scaling: it was trained with s = alpha / r "
+                         "and gam from 1/k, this file applies s = alpha / (r sqrt(n)) and gam from 1/D, so "
+                         "its update would come out sqrt(n) times smaller; retrain, or use the version that wrote it")
     if not isinstance(version, int) or version != FORMAT_VERSION:
         raise ValueError(f"checkpoint format {state['format_version']!r}, this file reads {FORMAT_VERSION}")
     have, saved = asdict(adapter_config(model)), state["config"]
