@@ -12,13 +12,13 @@ Methods, each timed as one training step (forward, backward with a fixed output 
 the optimizer step where there is something to train):
 
     frozen            all weights frozen, input gradients only: the floor of any adapter
-    lora              LoRA rank 32 on every layer, AdamW over its factors
-    randlora          RandLoRA at the rank with LoRA-32's parameter count (rank_for_budget)
-    randlora_vsparse  the same with very sparse ternary bases (paper sec. 6.4)
+    lora              LoRA rank 32 on every layer (4 in the tiny shape), AdamW over its factors
+    randlora          RandLoRA at the rank with LoRA's parameter count (rank_for_budget)
     full              full fine-tuning, AdamW over every weight
+    randlora_vsparse  (on request, --methods) RandLoRA with very sparse bases (paper sec. 6.4)
 
 x requires grad in every method, as it does for layers in the middle of a deeper network.
-AdamW is the fused CPU kernel where torch has it (much faster than the default for-loop one,
+AdamW is the fused kernel where torch has it (much faster than the default for-loop one,
 so full fine-tuning is not slowed by its optimizer). Times are medians over `repeats` steps
 after `warmup` steps, with the methods interleaved round-robin (the order rotated every
 round) so that load from other processes falls on all of them alike; ratios are taken within
@@ -26,12 +26,28 @@ the run. Activation bytes are counted exactly with saved_tensors_hooks (see `sav
 Merged inference compares `randlora.merge(model)` against the unpatched base model under
 torch.no_grad, with 3x the repeats (the two do the same work, so only noise separates them).
 
-    python bench.py [--shape vit|llm] [--blocks N] [--tokens 256 1600 6400] [--repeats 5]
-                    [--warmup 1] [--methods ...] [--quick] [--json FILE] [--impl PATH/TO/variant.py]
+Modes:
+
+    python bench.py [--shape vit|llm|tiny] [--blocks N] [--tokens 256 1600 6400] [--repeats 5]
+                    [--warmup 1] [--methods ...] [--quick] [--json FILE] [--impl PATH/TO/old.py]
+    python bench.py --overhead [--impl PATH]     tiny widths (d = 32, d_ff = 128, 12 blocks,
+                    T = 64, LoRA rank 4, 30 repeats after 5 warmup): the step time is the
+                    framework's per-op cost, not arithmetic
+    python bench.py --device cuda|cpu [--dtype bf16 fp32] [--backend inductor] [--blocks 12]
+                    eager and torch.compile'd step times, the one-time compile time apart, and
+                    from torch.profiler the CPU time to issue one step beside the device kernel
+                    time of that step (n/a on CPU); T = 6304 (32 images of 197 tokens) by default
+
+`--impl PATH` is an A/B run: the copy of randlora.py at PATH adds its LoRA and RandLoRA as
+extra interleaved methods (`lora@impl`, `randlora@impl`), and "x prev" is the current
+implementation's step time over that copy's, from the same run.
 
 Targets (issue 5), marked pass/miss from the numbers: saved bytes RandLoRA <= LoRA at every T;
 step time RandLoRA <= 1.3x LoRA at T = 6400, <= 1.9x at 1600, <= 2.5x at 256, and <= 1.1x
-full fine-tuning at 6400; merged inference within 3% of the base model.
+full fine-tuning at 6400; merged inference within 3% of the base model; in the overhead mode
+RandLoRA <= 1.3x LoRA; with --impl, no step-time ratio current/previous above 1.05 at T = 256,
+1600, 6400; with --device cuda, ViT-B widths, bf16, T = 6304: eager RandLoRA <= 1.3x eager LoRA
+and compiled RandLoRA <= 1.4x compiled full fine-tuning.
 
 [1] Albert et al., RandLoRA, ICLR 2025, arXiv 2502.00987 (sec. 6.4, 6.6 and app. C.6.1).
 """
@@ -56,17 +72,29 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-SHAPES = {                                    # d, d_ff, blocks
-    "vit": dict(d=768, d_ff=3072, blocks=4),  # ViT-B/16
-    "llm": dict(d=2048, d_ff=5632, blocks=1), # a 1B-class decoder's widths (e.g. TinyLlama)
+SHAPES = {                                                 # d, d_ff, blocks, LoRA rank
+    "vit": dict(d=768, d_ff=3072, blocks=4, lora_rank=32),   # ViT-B/16
+    "llm": dict(d=2048, d_ff=5632, blocks=1, lora_rank=32),  # a 1B-class decoder's widths (e.g. TinyLlama)
+    "tiny": dict(d=32, d_ff=128, blocks=12, lora_rank=4),    # the overhead mode: per-op cost, not arithmetic
 }
 TARGETS = ("qkv", "proj", "fc1", "fc2")
-METHODS = ("frozen", "lora", "randlora", "randlora_vsparse", "full")
+METHODS = ("frozen", "lora", "randlora", "full")              # the default run
+ALL_METHODS = METHODS + ("randlora_vsparse",)
+AB_METHODS = ("lora", "randlora", "randlora_vsparse")         # those that --impl runs twice
 LORA_RANK = 32
 TOKENS = (256, 1600, 6400)
+OVERHEAD_TOKENS = (64,)
+DEVICE_TOKENS = (6304,)                                       # 32 images of 197 ViT-B/16 tokens
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 STEP_TARGETS = {6400: 1.3, 1600: 1.9, 256: 2.5}   # RandLoRA step time / LoRA's, at most
 FULL_TARGET = (6400, 1.1)                          # RandLoRA / full fine-tuning at T, at most
 MERGED_TARGET = 1.03                               # merged inference / base model, at most
+OVERHEAD_TARGET = 1.3                              # RandLoRA / LoRA step time in the tiny shape, at most
+AB_TARGET = (TOKENS, 1.05)                         # current / previous step time at these T, at most
+DEVICE_TARGETS = {"eager step / LoRA": ("x_lora", 1.3),               # at DEVICE_TARGET_AT, at most
+                  "compiled step / full FT": ("compiled_x_full", 1.4)}
+DEVICE_TARGET_AT = dict(device="cuda", dtype="bf16", shape="vit", T=6304)
+PROFILED_STEPS = 3                                 # steps under torch.profiler, per method and mode
 
 
 # ----------------------------------------------------------------------------------------
@@ -93,8 +121,7 @@ def make_model(shape="vit", blocks=None, seed=0) -> nn.Module:
 
 
 def load_impl(path=None):
-    """randlora itself, or (for A/B runs of a modified copy) the module in the file `path`."""
-    path = path or os.environ.get("RANDLORA_IMPL")
+    """randlora itself, or (for A/B runs against a previous copy) the module in the file `path`."""
     if not path:
         import randlora
         return randlora
@@ -118,23 +145,23 @@ def adamw(params):
         return torch.optim.AdamW(params, lr=1e-4)
 
 
-def build(method, base, R):
-    """(model, optimizer or None) for one method, from a deep copy of the base model."""
+def build(method, base, R, lora_rank=LORA_RANK, device="cpu", dtype=torch.float32):
+    """(model, optimizer or None) for one method, from a deep copy of the base model, adapted by
+    the randlora module R, then moved to device and dtype (adapter bases included)."""
     model = copy.deepcopy(base)
-    if method == "frozen":
-        model.requires_grad_(False)
-        return model, None
-    if method == "full":
-        model.requires_grad_(True)
-        return model, adamw(model.parameters())
     if method == "lora":
-        R.add_lora(model, TARGETS, r=LORA_RANK, alpha=2 * LORA_RANK)
+        R.add_lora(model, TARGETS, r=lora_rank, alpha=2 * lora_rank)
     elif method in ("randlora", "randlora_vsparse"):
-        r = R.rank_for_budget(model, TARGETS, LORA_RANK)
+        r = R.rank_for_budget(model, TARGETS, lora_rank)
         basis = "very_sparse" if method == "randlora_vsparse" else "uniform"
         R.add_randlora(model, TARGETS, r=r, alpha=2 * r, basis=basis)
-    else:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    elif method not in ("frozen", "full"):
+        raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
+    model.to(device, dtype)
+    if method == "frozen":
+        return model.requires_grad_(False), None
+    if method == "full":
+        model.requires_grad_(True)
     return model, adamw(p for p in model.parameters() if p.requires_grad)
 
 
@@ -199,13 +226,20 @@ def _medians(times, key):
 def run(shape="vit", tokens=TOKENS, repeats=5, warmup=1, quick=False, impl=None, blocks=None,
         methods=METHODS, seed=0, log=None) -> list:
     """One row per (T, method): training step rows (kind "train") and merged-inference rows
-    (kind "infer", methods "base" and "merged"). `quick`: one block, 2 repeats. Ratios (x_*)
-    are of median wall-clock times, cpu_x_* of median CPU times, within this run."""
-    R = load_impl(impl)
+    (kind "infer", methods "base" and "merged"). `quick`: one block, 2 repeats. `impl`: the
+    path of a previous randlora.py, whose LoRA and RandLoRA run as the extra methods
+    "lora@impl", "randlora@impl" (A/B in one run). Ratios (x_*) are of median wall-clock
+    times, cpu_x_* of median CPU times, within this run; x_prev = current / previous."""
+    R = load_impl()
+    R_prev = load_impl(impl) if impl else None
     if quick:
         blocks, repeats, warmup = blocks or 1, min(repeats, 2), min(warmup, 1)
+    if impl:
+        methods = tuple(methods) + tuple(f"{m}@impl" for m in methods if m in AB_METHODS)
     base = make_model(shape, blocks, seed)
-    models = {m: build(m, base, R) for m in methods}
+    rank = SHAPES[shape]["lora_rank"]
+    impl_of = {m: R_prev if m.endswith("@impl") else R for m in methods}
+    models = {m: build(m.removesuffix("@impl"), base, impl_of[m], rank) for m in methods}
     infer = None
     if "randlora" in methods:                                          # a trained-looking update
         merged = copy.deepcopy(models["randlora"][0])
@@ -232,8 +266,9 @@ def run(shape="vit", tokens=TOKENS, repeats=5, warmup=1, quick=False, impl=None,
                 times_ms=[1e3 * t for t in times[m]["wall"]],
                 x_lora=ratio(med, m, "lora"), x_full=ratio(med, m, "full"),
                 cpu_x_lora=ratio(cpu, m, "lora"), cpu_x_full=ratio(cpu, m, "full"),
+                x_prev=ratio(med, m, m + "@impl"), cpu_x_prev=ratio(cpu, m, m + "@impl"),
                 trainable=n_train, saved_bytes=saved_bytes(model, x),
-                paths=resolved_paths(model, T, R)))
+                paths=resolved_paths(model, T, impl_of[m])))
         if infer is not None:
             xs = x.detach()
             fns = {k: (lambda mdl=mdl: _no_grad_forward(mdl, xs)) for k, mdl in infer.items()}
@@ -248,20 +283,94 @@ def run(shape="vit", tokens=TOKENS, repeats=5, warmup=1, quick=False, impl=None,
     return rows
 
 
+def device_run(shape="vit", tokens=DEVICE_TOKENS, dtypes=("bf16", "fp32"), device="cuda", repeats=5,
+               warmup=1, blocks=None, methods=METHODS, backend="inductor", seed=0, log=None) -> list:
+    """One row per (dtype, T, method), kind "device": the step on `device` in `dtype` (model,
+    bases, optimizer state and x all cast: pure low-precision training), eager and compiled.
+
+    eager_ms, compiled_ms   median step times, the 2 x len(methods) steps interleaved; each
+                            timed call ends with torch.cuda.synchronize() on CUDA
+    compile_s               the first compiled step (dynamo capture, forward and backward
+                            compilation), once, apart: not in compiled_ms. The optimizer step
+                            stays eager; dynamo's cache is reset per (dtype, T)
+    *_issue_ms              torch.profiler: CPU time inside one step's call, the time to issue
+                            its ops (the queue is drained before each of PROFILED_STEPS steps;
+                            the profiler adds its own few microseconds per op)
+    *_kernel_ms             device time of the kernels that one step launches; None on CPU,
+                            where the profiler records no kernels
+    x_lora, x_full, compiled_x_lora, compiled_x_full: ratios of the medians within the run.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    R = load_impl()
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    base = make_model(shape, blocks, seed)
+    d, rank = SHAPES[shape]["d"], SHAPES[shape]["lora_rank"]
+    rows = []
+    for dt in dtypes:
+        for T in tokens:
+            torch._dynamo.reset()                                      # this group's compiles only
+            g = torch.Generator().manual_seed(seed + T)
+            x = torch.randn(T, d, generator=g).to(device, DTYPES[dt]).requires_grad_(True)   # (T, d)
+            gy = torch.randn(T, d, generator=g).to(device, DTYPES[dt])                       # (T, d)
+            steps, compile_s = {}, {}
+            for m in methods:
+                model, opt = build(m, base, R, rank, device, DTYPES[dt])
+                steps[m] = make_step(model, opt, x, gy)
+                steps[m + "/compiled"] = make_step(torch.compile(model, backend=backend), opt, x, gy)
+                sync()
+                t0 = time.perf_counter()
+                steps[m + "/compiled"]()
+                sync()
+                compile_s[m] = time.perf_counter() - t0
+            timed = {k: (lambda s=s: (s(), sync())) for k, s in steps.items()}
+            med = _medians(interleaved(timed, repeats, warmup), "wall")
+            issue, kernel = {}, {}
+            for k, step in steps.items():
+                with profile(activities=activities) as prof:
+                    for _ in range(PROFILED_STEPS):
+                        with record_function("bench.step"):
+                            step()
+                        sync()
+                ev = [e for e in prof.events() if e.name == "bench.step" and e.device_type == DeviceType.CPU]
+                issue[k] = statistics.mean(e.cpu_time_total for e in ev) / 1e3          # us -> ms
+                kernel[k] = statistics.mean(e.device_time_total for e in ev) / 1e3 if cuda else None
+            for m in methods:
+                c = m + "/compiled"
+                rows.append(dict(
+                    kind="device", device=device, dtype=dt, shape=shape, blocks=len(base), T=T, method=m,
+                    eager_ms=1e3 * med[m], compiled_ms=1e3 * med[c], compile_s=compile_s[m],
+                    x_lora=med[m] / med["lora"], x_full=med[m] / med["full"],
+                    compiled_x_lora=med[c] / med["lora/compiled"], compiled_x_full=med[c] / med["full/compiled"],
+                    eager_issue_ms=issue[m], eager_kernel_ms=kernel[m],
+                    compiled_issue_ms=issue[c], compiled_kernel_ms=kernel[c]))
+            if log:
+                log(f"{dt} T={T} done")
+    torch._dynamo.reset()
+    return rows
+
+
 def resolved_paths(model, T, R):
     """{layer type: path} that "auto" resolves to at T tokens (None for non-RandLoRA models)."""
     out = {}
     for name, mod in model.named_modules():
-        if hasattr(mod, "lam") and hasattr(mod, "path"):
+        if hasattr(mod, "chosen_path"):
+            path = mod.chosen_path(T)
+        elif hasattr(mod, "lam") and hasattr(mod, "path"):             # older copies: the cost model
             args = (T, mod.D, mod.k, mod.n * mod.r, mod.transposed)
             sp = mod._shared.sparse_operands(mod.n, mod.D) if hasattr(mod._shared, "sparse_operands") else None
             if mod.path != "auto":
                 path = mod.path
             elif sp is None:
                 path = R.choose_path(*args)
-            else:                                                      # CSR bases (proposed fast path)
+            else:                                                      # CSR bases
                 path = R.choose_path(*args, True, sp[0].values().numel() / (mod.D * mod.n * mod.r))
-            out.setdefault(name.rsplit(".", 1)[-1], set()).add(path)
+        else:
+            continue
+        out.setdefault(name.rsplit(".", 1)[-1], set()).add(path)
     return {k: "+".join(sorted(v)) for k, v in out.items()} or None
 
 
@@ -281,16 +390,29 @@ def checks(rows) -> list:
                 continue
             out.append(dict(target="saved bytes <= LoRA", T=T, method=method,
                             value=row["saved_bytes"] / lora["saved_bytes"], limit=1.0))
-            if T in STEP_TARGETS:
+            if row.get("shape") == "tiny":
+                out.append(dict(target="overhead step / LoRA", T=T, method=method, value=row["x_lora"],
+                                cpu=row.get("cpu_x_lora"), limit=OVERHEAD_TARGET))
+            elif T in STEP_TARGETS:
                 out.append(dict(target="step time / LoRA", T=T, method=method, value=row["x_lora"],
                                 cpu=row.get("cpu_x_lora"), limit=STEP_TARGETS[T]))
-            if T == FULL_TARGET[0] and row["x_full"] is not None:
+            if T == FULL_TARGET[0] and row.get("shape") != "tiny" and row["x_full"] is not None:
                 out.append(dict(target="step time / full FT", T=T, method=method, value=row["x_full"],
                                 cpu=row.get("cpu_x_full"), limit=FULL_TARGET[1]))
+    for r in rows:
+        if r["kind"] == "train" and r.get("x_prev") is not None and r["T"] in AB_TARGET[0]:
+            out.append(dict(target="step time / previous", T=r["T"], method=r["method"], value=r["x_prev"],
+                            cpu=r.get("cpu_x_prev"), limit=AB_TARGET[1]))
     for r in rows:
         if r["kind"] == "infer" and r["method"] == "merged":
             out.append(dict(target="merged inference / base", T=r["T"], method="randlora",
                             value=r["x_base"], cpu=r.get("cpu_x_base"), limit=MERGED_TARGET))
+    for r in rows:
+        if r["kind"] == "device" and r["method"] == "randlora" and \
+                all(r.get(k) == v for k, v in DEVICE_TARGET_AT.items()):
+            for target, (key, limit) in DEVICE_TARGETS.items():
+                out.append(dict(target=f"{target} ({r['dtype']})", T=r["T"], method="randlora",
+                                value=r[key], limit=limit))
     for c in out:
         c["ok"] = c["value"] <= c["limit"]
     return out
@@ -302,62 +424,108 @@ def _fmt_bytes(n):
 
 def table(rows, check_rows) -> str:
     fx = lambda v: "-" if v is None else f"{v:.2f}"
-    lines = [f"{'T':>5} {'method':<17} {'step ms':>9} {'x LoRA':>7} {'x full':>7} {'cpu x LoRA':>10} {'cpu x full':>10}"
-             f" {'trainable':>11} {'saved':>11}  paths"]
-    for r in rows:
-        if r["kind"] != "train":
-            continue
+    train = [r for r in rows if r["kind"] == "train"]
+    ab = any(r.get("x_prev") is not None for r in train)
+    w = max([17] + [len(r["method"]) for r in rows])
+    lines = []
+    if train:
+        lines.append(f"{'T':>5} {'method':<{w}} {'step ms':>9} {'x LoRA':>7} {'x full':>7} {'cpu x LoRA':>10} "
+                     f"{'cpu x full':>10}{' x prev cpu x prev' if ab else ''} {'trainable':>11} {'saved':>11}  paths")
+    for r in train:
         paths = " ".join(f"{k}:{v[:3]}" for k, v in r["paths"].items()) if r["paths"] else ""
-        lines.append(f"{r['T']:>5} {r['method']:<17} {r['ms']:>9.1f} {fx(r['x_lora']):>7} {fx(r['x_full']):>7} "
-                     f"{fx(r.get('cpu_x_lora')):>10} {fx(r.get('cpu_x_full')):>10} "
+        prev = f" {fx(r.get('x_prev')):>6} {fx(r.get('cpu_x_prev')):>10}" if ab else ""
+        lines.append(f"{r['T']:>5} {r['method']:<{w}} {r['ms']:>9.1f} {fx(r['x_lora']):>7} {fx(r['x_full']):>7} "
+                     f"{fx(r.get('cpu_x_lora')):>10} {fx(r.get('cpu_x_full')):>10}{prev} "
                      f"{r['trainable']:>11,} {_fmt_bytes(r['saved_bytes']):>11}  {paths}")
     inf = [r for r in rows if r["kind"] == "infer"]
     if inf:
-        lines += ["", f"{'T':>5} {'inference':<17} {'ms':>9} {'x base':>7} {'cpu x base':>10}"]
-        lines += [f"{r['T']:>5} {r['method']:<17} {r['ms']:>9.1f} {r['x_base']:>7.3f} {r.get('cpu_x_base', 0):>10.3f}"
-                  for r in inf]
+        lines += ["", f"{'T':>5} {'inference':<{w}} {'ms':>9} {'x base':>7} {'cpu x base':>10}"]
+        lines += [f"{r['T']:>5} {r['method']:<{w}} {r['ms']:>9.1f} {r['x_base']:>7.3f} "
+                  f"{r.get('cpu_x_base', 0):>10.3f}" for r in inf]
+    dev = [r for r in rows if r["kind"] == "device"]
+    if dev:
+        ms = lambda v: "n/a" if v is None else f"{v:.2f}"
+        lines += [f"{'':>11} {'':<{w}} {'eager':-^25} {'compiled':-^35} {'eager profile':-^19} "
+                  f"{'compiled profile':-^19}",
+                  f"{'dtype':>5} {'T':>5} {'method':<{w}} {'ms':>9} {'x LoRA':>7} {'x full':>7} {'ms':>9} {'x LoRA':>7} "
+                  f"{'x full':>7} {'compile s':>10} {'issue ms':>9} {'kernel ms':>9} {'issue ms':>9} {'kernel ms':>9}"]
+        lines += [f"{r['dtype']:>5} {r['T']:>5} {r['method']:<{w}} {r['eager_ms']:>9.2f} {r['x_lora']:>7.2f} "
+                  f"{r['x_full']:>7.2f} {r['compiled_ms']:>9.2f} {r['compiled_x_lora']:>7.2f} "
+                  f"{r['compiled_x_full']:>7.2f} {r['compile_s']:>10.1f} "
+                  f"{ms(r['eager_issue_ms']):>9} {ms(r['eager_kernel_ms']):>9} "
+                  f"{ms(r['compiled_issue_ms']):>9} {ms(r['compiled_kernel_ms']):>9}" for r in dev]
     if check_rows:
         lines += ["", "targets (issue 5), on wall-clock medians (CPU-time ratio in brackets)"]
         for c in check_rows:
             cpu = f" [cpu {c['cpu']:.3f}]" if c.get("cpu") is not None else ""
-            lines.append(f"  {'pass' if c['ok'] else 'MISS'}  {c['target']:<24} T={c['T']:<5} {c['method']:<17} "
+            lines.append(f"  {'pass' if c['ok'] else 'MISS'}  {c['target']:<27} T={c['T']:<5} {c['method']:<{w}} "
                          f"{c['value']:.3f} (limit {c['limit']:g}){cpu}")
     return "\n".join(lines)
 
 
-def environment() -> dict:
+def environment(device="cpu") -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    gpu = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None
     return dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
-                cpus=os.cpu_count(), machine=platform.machine(), loadavg=load,
+                cpus=os.cpu_count(), machine=platform.machine(), loadavg=load, gpu=gpu,
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="vit")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="vit (default), llm, tiny")
     p.add_argument("--blocks", type=int, default=None, help="override the shape's block count")
-    p.add_argument("--tokens", type=int, nargs="+", default=None, help=f"T values (default {TOKENS})")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help=f"T values (default {TOKENS}; {OVERHEAD_TOKENS} with --overhead, "
+                        f"{DEVICE_TOKENS} with --device)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps (default 5; 30 with --overhead)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1; 5 with --overhead)")
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS))
     p.add_argument("--quick", action="store_true", help="smoke run: one block, T = 64 and 256, 2 repeats")
+    p.add_argument("--overhead", action="store_true",
+                   help="tiny widths (shape tiny: d = 32, d_ff = 128, 12 blocks), T = 64, 30 repeats")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="eager and torch.compile'd steps with a profile, on this device")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
+                   help="with --device (default bf16 fp32 on cuda, fp32 on cpu)")
+    p.add_argument("--backend", default="inductor", help="with --device: torch.compile's backend")
     p.add_argument("--json", metavar="FILE", help="write rows, checks and environment here")
-    p.add_argument("--impl", metavar="PATH", help="benchmark another copy of randlora.py (A/B runs)")
+    p.add_argument("--impl", metavar="PATH", help="A/B: add this copy of randlora.py's LoRA and RandLoRA "
+                                                  "as extra methods, and the ratio current/previous")
     a = p.parse_args(argv)
-    if a.repeats < 1 or a.warmup < 0 or (a.tokens and min(a.tokens) < 1):
+    if a.overhead and a.shape not in (None, "tiny"):
+        p.error("--overhead runs the tiny shape; drop --shape")
+    shape = "tiny" if a.overhead else a.shape or "vit"
+    repeats = a.repeats if a.repeats is not None else 30 if a.overhead else 5
+    warmup = a.warmup if a.warmup is not None else 5 if a.overhead else 1
+    if repeats < 1 or warmup < 0 or (a.tokens and min(a.tokens) < 1):
         p.error("--repeats must be >= 1, --warmup >= 0 and every --tokens value >= 1")
     if "lora" not in a.methods or "full" not in a.methods:
         p.error("--methods must include lora and full: every ratio is taken against them")
-    tokens = tuple(a.tokens) if a.tokens else ((64, 256) if a.quick else TOKENS)
+    if a.device is None and a.dtype:
+        p.error("--dtype goes with --device")
+    if a.device and a.impl:
+        p.error("--impl (A/B) is a CPU step-time run; drop --device or --impl")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here")
+    tokens = tuple(a.tokens or (OVERHEAD_TOKENS if a.overhead else (64, 256) if a.quick else
+                                DEVICE_TOKENS if a.device else TOKENS))
     if a.quick:
-        a.repeats, a.warmup = min(a.repeats, 2), min(a.warmup, 1)
-    env = environment()
-    print(f"bench.py shape={a.shape} tokens={tokens} repeats={a.repeats} warmup={a.warmup}"
-          f"{' quick' if a.quick else ''}  torch {env['torch']}, {env['threads']} threads, load {env['loadavg']}",
-          flush=True)
+        repeats, warmup = min(repeats, 2), min(warmup, 1)
+    blocks = a.blocks or (1 if a.quick else None)
+    env = environment(a.device or "cpu")
+    mode = f" device={a.device} dtype={a.dtype or ''} backend={a.backend}" if a.device else ""
+    print(f"bench.py shape={shape} blocks={blocks or SHAPES[shape]['blocks']} tokens={tokens} repeats={repeats} "
+          f"warmup={warmup}{' quick' if a.quick else ''}{mode}{f' impl={a.impl}' if a.impl else ''}  "
+          f"torch {env['torch']}, {env['threads']} threads, load {env['loadavg']}", flush=True)
     t0 = time.time()
-    rows = run(a.shape, tokens, a.repeats, a.warmup, a.quick, a.impl, a.blocks, tuple(a.methods),
-               log=lambda s: print(f"  {s} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True))
+    log = lambda s: print(f"  {s} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    if a.device:
+        dtypes = tuple(a.dtype or (("bf16", "fp32") if a.device == "cuda" else ("fp32",)))
+        rows = device_run(shape, tokens, dtypes, a.device, repeats, warmup, blocks, tuple(a.methods),
+                          a.backend, log=log)
+    else:
+        rows = run(shape, tokens, repeats, warmup, a.quick, a.impl, blocks, tuple(a.methods), log=log)
     env["loadavg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     env["seconds"] = time.time() - t0
     cs = checks(rows)

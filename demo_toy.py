@@ -108,9 +108,9 @@ def train(method, r, base, train_data, steps, lr, seed):
     """One student: patch a copy of the base, run full-batch Adam with cosine decay."""
     model = copy.deepcopy(base)
     if method == "lora":
-        randlora.add_lora(model, NAMES, r=r, alpha=r, seed=seed)          # s = alpha / r = 1
+        randlora.add_lora(model, NAMES, r=r, alpha=2 * r, seed=seed)      # the paper's alpha = 2r: s = 2
     elif method == "randlora":
-        randlora.add_randlora(model, NAMES, r=r, alpha=r, seed=seed)      # s = 1 / sqrt(n); lam 0, gam 1/D
+        randlora.add_randlora(model, NAMES, r=r, alpha=2 * r, seed=seed)  # s = 2 / sqrt(n); lam 0, gam 1/D
     else:
         model.requires_grad_(True)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -201,7 +201,7 @@ def table(results) -> str:
     lines = [f"Teacher: base + full-rank change with a {spectrum} spectrum, layers "
              + ", ".join(f"{i}->{o}" for i, o in s["shapes"]) + f"; seed {s['seed']}.",
              f"Training: Adam lr {s['lr']:g} with cosine decay, {s['steps']} full-batch steps on "
-             f"{s['n_train']} whitened inputs, alpha = r (s = 1) for LoRA and RandLoRA; held-out: "
+             f"{s['n_train']} whitened inputs, alpha = 2r (the paper's) for LoRA and RandLoRA; held-out: "
              f"{s['n_test']} Gaussian inputs.",
              "Losses and ||dW-dW*||^2 are fractions of the teacher's change left unlearned (1 = none learned);",
              "floor = Eckart-Young error of the best rank-r update at the budget's LoRA rank; rank dW = "

@@ -25,17 +25,28 @@ Models (`--model`):
                    go through `target_parameters`, and the first two steps check that every adapted
                    layer's lam and gam (LoRA's A and B) receive a gradient (k = 768: RandLoRA r = 6).
 
-Scales. LoRA uses alpha = 2 r (s = 2). RandLoRA's s = 2 sqrt(r_LoRA / 3) makes its first Adam step
-move DeltaW by about the RMS amount LoRA's does at the same learning rate (LoRA's A ~ U(+-1/sqrt(in)),
-RandLoRA's bases have unit variance, gam = 1/k), so one `--lr` serves both. No value here was tuned.
+Scales. LoRA and RandLoRA both get alpha = 2 r and Adam at `--lr` 1e-3, the paper's settings for
+both on CLIP [1, app. C]; randlora.py turns alpha into each layer's scale (RandLoRA: the paper's
+s = alpha / (r sqrt(n))). `--full-lr` 1e-5 and `--head-lr` 1e-3 were chosen here, not tuned: full
+fine-tuning moves every pretrained weight and takes a much smaller step than the adapters, and
+DINOv2's head is a fresh linear layer trained at the adapters' rate.
+
+Speed. `--amp` (on by default on CUDA) runs the training and evaluation forward passes under bf16
+autocast; the weights, adapters and optimiser state stay float32. `--compile` compiles the backbone
+(torch.compile, `--compile-backend`); before the clock starts, one forward and backward on each batch
+shape the training loop will see triggers the compilation, and its wall time is reported as "compile",
+apart from the training time. Evaluation with the merged weights under no_grad compiles its own
+graph, not timed.
 
 The table. method; r: LoRA's rank, or RandLoRA's basis rank (n = ceil(k / r) bases per layer);
 trainable: parameters that receive gradients, head included; test acc: top-1 accuracy on the test
 images, adapters merged into the weights as deployed; train time: wall clock of training (not of
-evaluation); memory: on a GPU the peak of torch.cuda.max_memory_allocated during training (weights,
-gradients, optimiser state, activations), on a CPU the bytes autograd saved for backward in one
-training step (torch.autograd.graph.saved_tensors_hooks; parameters, buffers and views of them not
-counted), the quantity the paper's memory-saving autograd function reduces.
+evaluation, nor of --compile's warm-up); time / full: train time over full fine-tuning's in the same
+run; compile (with --compile): the warm-up's wall time; memory: on a GPU the peak of
+torch.cuda.max_memory_allocated during training (weights, gradients, optimiser state, activations),
+on a CPU the bytes autograd saved for backward in one training step
+(torch.autograd.graph.saved_tensors_hooks; parameters, buffers and views of them not counted), the
+quantity the paper's memory-saving autograd function reduces.
 
 Data: the official python-version CIFAR tarballs, downloaded with urllib, checked against their
 published MD5 before anything is unpickled (and then only numpy arrays and plain types are
@@ -134,12 +145,7 @@ DINOV2_REPO, DINOV2_ENTRY = "facebookresearch/dinov2", "dinov2_vits14"
 DINOV2_WEIGHTS = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
 CLIP_NAME, CLIP_TAG = "ViT-B-32-quickgelu", "openai"       # OpenAI's weights were trained with QuickGELU
 PROMPT = "a photo of a {}."
-LORA_SCALE = 2.0                                            # s = alpha / r for LoRA
-
-
-def randlora_scale(lora_rank: int) -> float:
-    """RandLoRA's s that matches the RMS size of LoRA's first Adam step (module docstring)."""
-    return LORA_SCALE * math.sqrt(lora_rank / 3)
+ALPHA_PER_RANK = 2.0                                        # alpha = 2 r for LoRA and RandLoRA [1, app. C]
 
 
 def default_data_dir() -> str:
@@ -459,13 +465,12 @@ def adapt(model: Classifier, method: str, args) -> int | None:
     targets = dict(target_modules=spec.target_modules, target_parameters=spec.target_parameters)
     try:
         if method == "lora":
-            randlora.add_lora(model.backbone, r=args.lora_rank, alpha=LORA_SCALE * args.lora_rank, seed=args.seed,
-                              **targets)
+            randlora.add_lora(model.backbone, r=args.lora_rank, alpha=ALPHA_PER_RANK * args.lora_rank,
+                              seed=args.seed, **targets)
             return args.lora_rank
         if method == "randlora":
             r = randlora.rank_for_budget(model.backbone, lora_rank=args.lora_rank, **targets)
-            randlora.add_randlora(model.backbone, r=r, alpha=randlora_scale(args.lora_rank) * r, seed=args.seed,
-                                  **targets)
+            randlora.add_randlora(model.backbone, r=r, alpha=ALPHA_PER_RANK * r, seed=args.seed, **targets)
             return r
     except ValueError as e:
         raise DemoError(f"cannot add {method} to {spec.title}: {e}") from None
@@ -527,15 +532,59 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def autocast(args):
+    """bf16 autocast for forward passes under --amp (the parameters stay float32), else a no-op."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp)
+
+
+def compiled_graphs(args) -> int:
+    """How many graphs torch.compile has compiled in this process so far (its own counter); 0 without --compile."""
+    if not args.compile:
+        return 0
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def compile_backbone(model: Classifier, args) -> None:
+    """torch.compile model.backbone in place (nn.Module.compile: its names, state dict and adapters stay
+    as they are), after clearing dynamo's caches so that each method's compile time is its own."""
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    model.backbone.compile(backend=args.compile_backend)
+
+
+def warm_up(model: Classifier, images, labels, args) -> float:
+    """Trigger --compile's compilation before the clock starts: one forward and backward on each
+    batch shape the training loop will see (the full batch, and the shorter last one when the
+    batch size does not divide the set), no optimiser step, gradients dropped. Returns the wall time."""
+    sizes = {min(args.batch_size, len(images)), len(images) % args.batch_size} - {0}
+    _sync(args.device)
+    t0 = time.perf_counter()
+    try:
+        for b in sorted(sizes, reverse=True):
+            with autocast(args):
+                loss = F.cross_entropy(model(images[:b].to(args.device)), labels[:b].to(args.device))
+            loss.backward()
+    except Exception as e:                                         # no compiler, unsupported op, backend error
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DemoError(f"torch.compile with --compile-backend {args.compile_backend} failed ({type(e).__name__}: "
+                        f"{first})\nRun without --compile, or with --compile-backend aot_eager.") from None
+    model.zero_grad(set_to_none=True)
+    _sync(args.device)
+    return time.perf_counter() - t0
+
+
 def train(model: Classifier, images, labels, method: str, args, log=_log, label: str = "") -> dict:
     """Adam with cosine decay, random horizontal flips; the same batches for every method.
-    Returns {"seconds", "memory"} (memory: see the module docstring)."""
+    Returns {"seconds", "compile", "recompiles", "memory"}: compile is the warm-up's wall time and
+    recompiles the graphs compiled inside the timed loop (both None without --compile); memory: see
+    the module docstring."""
     lr = args.full_lr if method == "full" else args.lr
     groups = [dict(params=[p for p in m.parameters() if p.requires_grad], lr=g)
               for m, g in ((model.head, args.head_lr), (model.backbone, lr))]
     groups = [g for g in groups if g["params"]]
     if not groups:                                                 # CLIP zero-shot: nothing trains
-        return dict(seconds=None, memory=None)
+        return dict(seconds=None, compile=None, recompiles=None, memory=None)
     opt = torch.optim.Adam(groups)
     per_epoch = math.ceil(len(images) / args.batch_size)
     total = args.epochs * per_epoch
@@ -545,6 +594,11 @@ def train(model: Classifier, images, labels, method: str, args, log=_log, label:
     counter = SavedForBackward(model)
     progress = Progress(f"{label} step", total, log)
     model.train()
+    compile_seconds = None
+    if args.compile:
+        compile_seconds = warm_up(model, images, labels, args)
+        log(f"{label}: compiled in {compile_seconds:.1f} s (not counted in train time)")
+    graphs = compiled_graphs(args)
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
     _sync(args.device)
@@ -556,7 +610,7 @@ def train(model: Classifier, images, labels, method: str, args, log=_log, label:
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], images[idx].flip(-1), images[idx])   # (B, 3, 32, 32)
             x, y = x.to(args.device), labels[idx].to(args.device)
-            with counter if step == 0 else nullcontext():
+            with counter if step == 0 else nullcontext(), autocast(args):
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -568,7 +622,9 @@ def train(model: Classifier, images, labels, method: str, args, log=_log, label:
             progress(step, lambda: f"epoch {epoch + 1}/{args.epochs}  loss {loss.item():.3f}")
     _sync(args.device)
     seconds = time.perf_counter() - t0
-    return dict(seconds=seconds, memory=torch.cuda.max_memory_allocated(args.device) if cuda else counter.bytes)
+    return dict(seconds=seconds, compile=compile_seconds,
+                recompiles=compiled_graphs(args) - graphs if args.compile else None,
+                memory=torch.cuda.max_memory_allocated(args.device) if cuda else counter.bytes)
 
 
 @torch.no_grad()
@@ -578,7 +634,8 @@ def evaluate(model: nn.Module, images, labels, args, log=_log, label: str = "") 
     bs = 4 * args.batch_size
     progress, preds = Progress(f"{label} evaluating", len(images), log), []
     for i in range(0, len(images), bs):
-        preds.append(model(images[i:i + bs].to(args.device)).argmax(-1).cpu())   # (b,)
+        with autocast(args):
+            preds.append(model(images[i:i + bs].to(args.device)).argmax(-1).cpu())   # (b,)
         progress(min(i + bs, len(images)))
     preds = torch.cat(preds)                                       # (M,)
     return (preds == labels).float().mean().item(), preds
@@ -639,7 +696,7 @@ def load_finetuned(args, path: str, classes) -> Classifier:
 
 def run(args, log=_log) -> list:
     """Train and evaluate every method in args.methods. Returns one row per method: method, r,
-    trainable, accuracy, seconds, memory, changes ({adapted layer: ||DeltaW|| / ||W||}),
+    trainable, accuracy, seconds, compile, recompiles, memory, changes ({adapted layer: ||DeltaW|| / ||W||}),
     predictions (M,), files (checkpoints written)."""
     spec, data_spec = MODELS[args.model], DATASETS[args.dataset]
     data = load_cifar(args.data_dir, args.dataset, log=log)
@@ -658,6 +715,8 @@ def run(args, log=_log) -> list:
         model = copy.deepcopy(base)
         r = adapt(model, method, args)
         model.to(args.device)
+        if args.compile:
+            compile_backbone(model, args)
         names = list(randlora.adapters(model.backbone))
         log(f"{label}: {randlora.trainable_parameters(model):,} trainable parameters"
             + (f", r = {r}, {len(names)} adapted weights ({names[0]}, ...)" if names else ""))
@@ -666,7 +725,10 @@ def run(args, log=_log) -> list:
             changes = {name: (u.delta_weight().norm() / w.norm()).item()
                        for name, (u, w) in randlora.adapters(model.backbone).items()}
         randlora.merge(model.backbone)                             # evaluate as deployed: no adapter cost
+        graphs = compiled_graphs(args)
         accuracy, preds = evaluate(model, test_x, test_y, args, log, label)
+        if args.compile:
+            log(f"{label}: evaluation compiled {compiled_graphs(args) - graphs} graph(s) (merged weights, no_grad)")
         files = (save_finetuned(model, adapter_path(args.save_adapter, method, args))
                  if args.save_adapter and method in ADAPTER_METHODS else [])
         rows.append(dict(method=method, r=r, trainable=randlora.trainable_parameters(model), accuracy=accuracy,
@@ -684,25 +746,51 @@ def fmt_bytes(n: int) -> str:
             return f"{n / size:,.1f} {unit}"
 
 
+def time_ratio(row, rows) -> str:
+    """The row's train time over full fine-tuning's, from the measured seconds: 'n/a' when full did
+    not run, '-' when the row did not train."""
+    full = next((x["seconds"] for x in rows if x["method"] == "full" and x["seconds"]), None)
+    if row["seconds"] is None:
+        return "-"
+    return "n/a" if full is None else f"{row['seconds'] / full:.2f}"
+
+
 def format_table(rows, args) -> str:
     spec, data_spec = MODELS[args.model], DATASETS[args.dataset]
     cuda = torch.device(args.device).type == "cuda"
     mem = "peak CUDA mem" if cuda else "saved for bwd"
     weights = "random init" if args.random_init else "pretrained"
     source = f", from {args.hub_dir}" if args.hub_dir else ""
+    speed = ", bf16 autocast" if args.amp else ", float32"
+    speed += f", torch.compile ({args.compile_backend})" if args.compile else ""
     lines = [f"{spec.title} ({weights}{source}) on {data_spec.title}, {args.shots} training images per class, "
              f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g} (full: {args.full_lr:g}, "
-             f"head: {args.head_lr:g}), {args.device}",
-             "", f"{'method':<10}{'r':>4}{'trainable':>13}{'test acc':>10}{'train time':>12}{mem:>15}"]
+             f"head: {args.head_lr:g}), {args.device}{speed}",
+             "", f"{'method':<10}{'r':>4}{'trainable':>13}{'test acc':>10}{'train time':>12}{'time / full':>13}"
+             + (f"{'compile':>10}" if args.compile else "") + f"{mem:>15}"]
+    recompiled = False
     for x in rows:
         t = "-" if x["seconds"] is None else f"{x['seconds']:.1f} s"
+        if x["recompiles"]:
+            t, recompiled = t + "*", True
+        c = "-" if x["compile"] is None else f"{x['compile']:.1f} s"
         m = "-" if x["memory"] is None else fmt_bytes(x["memory"])
-        lines.append(f"{x['method']:<10}{x['r'] or '-':>4}{x['trainable']:>13,}{x['accuracy']:>10.2%}{t:>12}{m:>15}")
+        lines.append(f"{x['method']:<10}{x['r'] or '-':>4}{x['trainable']:>13,}{x['accuracy']:>10.2%}{t:>12}"
+                     f"{time_ratio(x, rows):>13}{f'{c:>10}' if args.compile else ''}{m:>15}")
     lines += ["", "trainable: parameters that receive gradients, head included; r: LoRA's rank or RandLoRA's basis "
               "rank (equal-parameter rank from rank_for_budget);",
-              "test acc: adapters merged into the weights; train time: wall clock of training only; memory: "
-              + ("torch.cuda.max_memory_allocated while training." if cuda else
-                 "bytes autograd saved for backward in one training step (parameters and buffers not counted).")]
+              "test acc: adapters merged into the weights; train time: wall clock of training only; time / full: "
+              "train time over full fine-tuning's (n/a: full not run);"]
+    if args.compile:
+        lines.append("compile: wall time of the warm-up forward and backward that compiled the backbone, not in "
+                     "train time (evaluation's own compile, merged weights, is not timed);")
+    if recompiled:
+        lines.append("*: torch.compile also compiled inside the timed loop: "
+                     + ", ".join(f"{x['method']} {x['recompiles']} graph(s)" for x in rows if x["recompiles"])
+                     + "; that time is in train time;")
+    lines.append("memory: " + ("torch.cuda.max_memory_allocated while training." if cuda else
+                               "bytes autograd saved for backward in one training step (parameters and buffers "
+                               "not counted)."))
     files = [f for x in rows for f in x["files"]]
     if files:
         lines.append("saved: " + ", ".join(files))
@@ -711,6 +799,11 @@ def format_table(rows, args) -> str:
 
 # ----------------------------------------------------------------------------------------
 # Command line
+
+
+def _compile_backends(debug: bool = True) -> list:
+    import torch._dynamo as dynamo
+    return dynamo.list_backends(exclude_tags=() if debug else ("debug", "experimental"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -737,6 +830,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-lr", type=float, default=1e-3,
                    help="learning rate of DINOv2's linear head (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast for the training and evaluation forward passes; weights, adapters and "
+                        "optimiser state stay float32 (default: on for CUDA, off otherwise)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone; the compile time is measured in a warm-up step and reported "
+                        "apart from train time")
+    p.add_argument("--compile-backend", metavar="NAME", default="inductor",
+                   help="torch.compile backend for --compile (default: %(default)s; aot_eager needs no C++ compiler)")
     p.add_argument("--hub-dir", metavar="DIR", help="load dinov2_vits14 from this local copy of the DINOv2 hub "
                    "repository (torch.hub source='local') instead of GitHub")
     p.add_argument("--random-init", action="store_true", help="the same architecture without pretrained weights")
@@ -766,6 +867,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--device {args.device!r} is not a device torch knows (cpu, cuda, cuda:1, mps, ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch sees no CUDA device; use --device cpu")
+    if args.amp is None:
+        args.amp = device.type == "cuda"
+    if args.compile and args.compile_backend not in _compile_backends():
+        p.error(f"--compile-backend {args.compile_backend!r} is not a torch.compile backend; choose one of "
+                f"{', '.join(_compile_backends(debug=False))}, or eager, aot_eager to debug")
     if args.hub_dir and args.model != "dinov2-vits14":
         p.error("--hub-dir loads DINOv2 only; CLIP comes through open_clip")
     if args.save_adapter:

@@ -154,13 +154,8 @@ def _delta(Bcat, LQ, s, transposed, base=None):
 def _scaling_grads(H, A, lam, gam, s):
     """dL/dlam (n, r) and dL/dgam (n, k) from H = Bcat^T G_U (m, k), U = s Bcat diag(lam) Q:
     dL/dlam[b, i] = s sum_c H[b r + i, c] A[i, c] gam[b, c], dL/dgam[b, c] = s sum_i (same, lam)."""
-    HA = H.reshape(lam.shape[0], lam.shape[1], -1).to(lam.dtype) * A    # (n, r, k)
-    return s * (HA * gam[:, None, :]).sum(2), s * (HA * lam[:, :, None]).sum(1)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    HA = H.reshape(lam.shape[0], lam.shape[1], -1).to(lam.dtype).mul_(s).mul_(A)   # (n, r, k)
+    return (HA * gam[:, None, :]).sum(2), (HA * lam[:, :, None]).sum(1)
 
 
 class RandLoRAFunction(torch.autograd.Function):
@@ -171,8 +166,11 @@ class RandLoRAFunction(torch.autograd.Function):
     fixed backward."""
 
     @staticmethod
-    def forward(x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
-        dt = _compute_dtype(x)
+    def forward(ctx, x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
+        dev = x.device.type                                             # autocast decides, else x
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        ctx.save_for_backward(x, weight, bias, lam, gam, A, Bcat)      # x, and what exists anyway
+        ctx.scale, ctx.transposed, ctx.materialise, ctx.dtype = scale, transposed, materialise, dt
         x2 = x.reshape(-1, x.shape[-1]).to(dt)                          # (T, in)
         Bc, LQ = Bcat.to(dt), _lq(lam, gam, A).to(dt)                   # (D, m), (m, k)
         w = None if weight is None else weight.to(dt)                   # (out, in)
@@ -185,19 +183,14 @@ class RandLoRAFunction(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise = inputs
-        ctx.save_for_backward(x, weight, bias, lam, gam, A, Bcat)
-        ctx.scale, ctx.transposed, ctx.materialise, ctx.dtype = scale, transposed, materialise, output.dtype
-
-    @staticmethod
     def backward(ctx, gy):
         x, weight, bias, lam, gam, A, Bcat = ctx.saved_tensors
         need_x, need_w, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
         s, tr, dt = ctx.scale, ctx.transposed, ctx.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dt)                          # (T, in)
         gy2 = gy.reshape(-1, gy.shape[-1]).to(dt)                       # (T, out)
-        Bc, LQ = Bcat.to(dt), _lq(lam, gam, A).to(dt)                   # (D, m), (m, k)
+        Bc = Bcat.to(dt)                                                # (D, m)
+        LQ = _lq(lam, gam, A).to(dt) if need_x else None                # (m, k)
         w = None if weight is None else weight.to(dt)                   # (out, in)
         gx = gw = gb = glam = ggam = H = None
         G = gy2.T @ x2 if need_w or (ctx.materialise and (need_lam or need_gam)) else None  # (out, in)
@@ -268,7 +261,34 @@ def _param_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)             # fp32 masters for bf16/fp16
 
 
-class RandLoRA(nn.Module):
+class _Update(nn.Module):
+    """What RandLoRA and LoRA share. Merging records its state in state_dict: `merged_flag`, and
+    the trainables it merged with (`<name>_merged`), so that unmerge takes out exactly what merge
+    put in even if an optimizer moved them since, and a loaded state says whether its weight is
+    merged. The trainables stay float32 (or wider) masters through model.half() or .bfloat16()."""
+
+    def _record_merges(self):
+        self.merged = False
+        self.register_buffer("merged_flag", torch.tensor(False))
+        for name, p in _trainables(self).items():
+            self.register_buffer(name + "_merged", torch.zeros_like(p))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.merged = bool(self.merged_flag)
+
+    def _apply(self, fn, *args, **kwargs):
+        keep = [k for n in _trainables(self) for k in (n, n + "_merged")]
+        before = {k: getattr(self, k).data for k in keep}
+        super()._apply(fn, *args, **kwargs)
+        for k in keep:                                                  # moved, but not narrowed
+            t = getattr(self, k)
+            if t.dtype != _param_dtype(t):
+                t.data = before[k].to(t.device)
+        return self
+
+
+class RandLoRA(_Update):
     """The update of one frozen weight: lam (n, r), gam (n, k), views of the shared bases.
     Used directly it is a parametrization of a raw weight: forward(W) = W + DeltaW."""
 
@@ -277,7 +297,7 @@ class RandLoRA(nn.Module):
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
         self.k, self.D, self.r, self.n = min(in_f, out_f), max(in_f, out_f), r, math.ceil(min(in_f, out_f) / r)
         self.scale = alpha / (r * math.sqrt(self.n))
-        self.transposed, self.fan_in_fan_out, self.merged = in_f > out_f, fan_in_fan_out, False
+        self.transposed, self.fan_in_fan_out = in_f > out_f, fan_in_fan_out
         self.thresholds = path_thresholds(self.D, self.k, self.n * r, self.transposed)
         kw = dict(device=weight.device, dtype=_param_dtype(weight))
         self.lam = nn.Parameter(torch.zeros(self.n, r, **kw))              # (n, r)
@@ -285,6 +305,7 @@ class RandLoRA(nn.Module):
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
         bases.layers.append(self)
         self.refresh_views()
+        self._record_merges()
 
     def refresh_views(self):
         """This layer's views A (r, k) and Bcat (D, m) of the shared bases: made once, and again
@@ -300,10 +321,12 @@ class RandLoRA(nn.Module):
         """This layer's views (A (r, k), B (n, D, r)) of the model's shared bases (eq. 4's B_b = B[b])."""
         return self.A, self._shared.B[: self.n, : self.D]
 
-    def delta_weight(self) -> torch.Tensor:
-        """DeltaW in the base weight's own layout ((in, out) for a Conv1D)."""
-        dt = torch.promote_types(self.lam.dtype, self.A.dtype)
-        dw = _delta(self.Bcat.to(dt), _lq(self.lam, self.gam, self.A).to(dt), self.scale, self.transposed)
+    def delta_weight(self, at_merge=False) -> torch.Tensor:
+        """DeltaW in the base weight's own layout ((in, out) for a Conv1D); `at_merge`: from the
+        scalings recorded by the last merge."""
+        lam, gam = (self.lam_merged, self.gam_merged) if at_merge else (self.lam, self.gam)
+        dt = torch.promote_types(lam.dtype, self.A.dtype)
+        dw = _delta(self.Bcat.to(dt), _lq(lam, gam, self.A).to(dt), self.scale, self.transposed)
         return dw.T if self.fan_in_fan_out else dw                     # (out, in) or (in, out)
 
     def forward(self, W):                                               # as a parametrization
@@ -312,21 +335,23 @@ class RandLoRA(nn.Module):
         return RandLoRAWeightFunction.apply(W, self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed)
 
 
-class LoRA(nn.Module):
+class LoRA(_Update):
     """The baseline DeltaW = s * lora_B @ lora_A, s = alpha / r, lora_B (out, r) zero, lora_A
     (r, in) uniform with bound 1/sqrt(in) (LoRA's usual init), from a seeded generator."""
 
     def __init__(self, weight, r, alpha, gen: torch.Generator, fan_in_fan_out=False):
         super().__init__()
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
-        self.r, self.scale, self.fan_in_fan_out, self.merged = r, alpha / r, fan_in_fan_out, False
+        self.r, self.scale, self.fan_in_fan_out = r, alpha / r, fan_in_fan_out
         kw = dict(device=weight.device, dtype=_param_dtype(weight))
         a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)
         self.lora_A = nn.Parameter(a.to(**kw))                         # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))        # (out, r)
+        self._record_merges()
 
-    def delta_weight(self) -> torch.Tensor:
-        dw = self.scale * (self.lora_B @ self.lora_A)                  # (out, in)
+    def delta_weight(self, at_merge=False) -> torch.Tensor:
+        B, A = (self.lora_B_merged, self.lora_A_merged) if at_merge else (self.lora_B, self.lora_A)
+        dw = self.scale * (B @ A)                                      # (out, in)
         return dw.T if self.fan_in_fan_out else dw
 
     def forward(self, W):                                               # as a parametrization
@@ -347,25 +372,20 @@ class RandLoRALinear(RandLoRA):
         _adopt_linear(self, base, dropout)
         self.path = "auto"
 
-    @property
-    def path(self) -> str:
-        return self._path
-
-    @path.setter
-    def path(self, value: str):
-        if value not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {value!r}")
-        self._path = value
-
     def chosen_path(self, T: int, grad: bool = True) -> str:
-        if self._path != "auto":
-            return self._path
-        return "materialised" if T >= self.thresholds[grad] else "factored"
+        """The path forced by `self.path`, or for "auto" the cheaper one at T tokens."""
+        if self.path == "auto":
+            return "materialised" if T >= self.thresholds[grad] else "factored"
+        if self.path not in PATHS:
+            raise ValueError(f"layer.path must be one of {PATHS}, got {self.path!r}")
+        return self.path
 
     def forward(self, x):
         W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
         if self.merged:
             return F.linear(x, W, self.bias)
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point input, got {x.dtype}")
         mat = self.chosen_path(x.numel() // x.shape[-1], torch.is_grad_enabled()) == "materialised"
         args = (self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed, mat)
         if self.training and self.dropout.p > 0:                       # the update sees other x
@@ -414,37 +434,55 @@ def _require_module(model):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
+def _unpatchable(name, m, parents) -> str | None:
+    """Why replacing module `m` would give a wrong model, with the fix; None if it would not."""
+    fix = f"adapt its weight instead: target_parameters=[{name + '.weight'!r}]"
+    reader = next((p for p in parents if isinstance(p, (nn.MultiheadAttention, nn.TransformerEncoderLayer))), None)
+    if reader is not None:
+        return f"its parent {type(reader).__name__} reads its weight directly (a fused path), so a patched module would never be called; {fix}"
+    if not isinstance(m.weight, nn.Parameter):
+        return "its weight is computed (weight norm or another parametrization or hook); remove that first"
+    if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
+        return f"{type(m).__name__} has its own forward, which the patched layer would replace; {fix}"
+    if not isinstance(m, nn.Linear) and getattr(m, "nf", None) != m.weight.shape[-1]:
+        return f"it is named Conv1D but is not Hugging Face's (weight (in, out), nf = out); {fix}"
+    return None
+
+
 def _find_targets(model, target_modules, target_parameters):
-    """[(name, kind, owner module, weight)] in model order; validates, changes nothing."""
+    """[(name, kind, module, weight)], modules then parameters, each in model order. A module
+    reachable under several names is one target. Validates everything, changes nothing."""
     _require_module(model)
     mods, params = _as_names(target_modules, "target_modules"), _as_names(target_parameters, "target_parameters")
     if not mods and not params:
         raise ValueError("nothing to adapt: pass target_modules (e.g. ['attn.qkv']) or target_parameters")
-    if any(isinstance(m, (RandLoRA, LoRA, SharedBases)) for m in model.modules()):
+    if any(isinstance(m, (_Update, SharedBases)) for m in model.modules()):
         raise ValueError("this model is already patched; patch a fresh copy of the base model instead")
-    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    every = list(model.named_modules(remove_duplicate=False))
+    linear = {n: m for n, m in every if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
     raw = {n: p for n, p in model.named_parameters() if p.dim() == 2}
-    found = {}
     for pats, pool, kind in ((mods, linear, "module"), (params, raw, "parameter")):
         for pat in pats:
-            hits = [n for n in pool if _matches(n, pat)]
-            if not hits:
-                some = ", ".join(list(pool)[:30]) or "none"
-                raise ValueError(f"target {pat!r} matches no {kind} of the model; candidates: {some}")
-            found.update({n: kind for n in hits})
-    targets = []
-    for name, kind in found.items():
-        owner = model.get_submodule(name.rpartition(".")[0])
-        if kind == "module" and isinstance(owner, nn.MultiheadAttention):
-            raise ValueError(f"{name!r} is read by nn.MultiheadAttention as a raw weight, so a patched module "
-                             f"would never be called; pass target_parameters=[{name + '.weight'!r}] instead")
-        if kind == "module":
-            targets.append((name, kind, linear[name], linear[name].weight))
-        else:
-            owner_name, _, attr = name.rpartition(".")
-            if owner_name in found:
+            if not any(_matches(n, pat) for n in pool):
+                hint = (f"; {pat!r} is a raw parameter: pass target_parameters=[{pat!r}]"
+                        if kind == "module" and any(_matches(n, pat) for n in raw) else "")
+                raise ValueError(f"target {pat!r} matches no {kind} of the model{hint}; candidates: "
+                                 + (", ".join(list(pool)[:30]) or "none"))
+    targets, seen = [], set()
+    for name, m in linear.items():
+        if any(_matches(name, p) for p in mods) and m not in seen:
+            seen.add(m)
+            parents = [model.get_submodule(n.rpartition(".")[0]) for n, x in every if x is m]
+            why = _unpatchable(name, m, parents)
+            if why:
+                raise ValueError(f"cannot patch {name!r}: {why}")
+            targets.append((next(n for n, x in every if x is m), "module", m, m.weight))
+    for name, p in raw.items():
+        if any(_matches(name, pat) for pat in params):
+            owner_name = name.rpartition(".")[0]
+            if owner_name in linear and linear[owner_name] in seen:
                 raise ValueError(f"{name!r} belongs to the adapted layer {owner_name!r}; target one or the other")
-            targets.append((name, kind, model.get_submodule(owner_name), raw[name]))
+            targets.append((name, "parameter", model.get_submodule(owner_name), p))
     return targets
 
 
@@ -453,12 +491,14 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
         raise TypeError(f"r must be an int, got {type(r).__name__}")
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
+        raise ValueError(f"alpha must be a finite non-zero number (s = 0 would train nothing), got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if not -2**63 <= seed < 2**64:                                     # torch.Generator's range
+        raise ValueError("seed must lie in [-2**63, 2**64), the range torch.Generator accepts")
     if basis not in BASES:
         raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
 
@@ -472,11 +512,18 @@ def _patch(model, config: AdapterConfig):
         if not w.is_floating_point():
             raise TypeError(f"{name!r} has dtype {w.dtype}; only floating-point weights can be adapted "
                             "(dequantise the model first)")
+        if w.is_meta:
+            raise ValueError(f"{name!r} is on the meta device; materialise the model (to_empty, then load its "
+                             "weights) before patching")
         if c.r > min(w.shape):
             raise ValueError(f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}")
     if c.method == "randlora":
         A, B = make_bases(c.r, max(min(t[3].shape) for t in targets), max(max(t[3].shape) for t in targets),
                           c.basis, c.seed)
+        for name, _, _, w in targets:
+            if not A[:, : min(w.shape)].any():
+                raise ValueError(f"the {c.basis} bases of seed {c.seed} have A = 0 on the {min(w.shape)} columns "
+                                 f"of {name!r}, so its update would stay zero; raise r, or change seed or basis")
         dts = {t[3].dtype for t in targets}                            # one dtype, or the float32 draws
         dt = dts.pop() if len(dts) == 1 else torch.float32
         shared = SharedBases(A.to(targets[0][3].device, dt), B.to(targets[0][3].device, dt), c)
@@ -489,11 +536,14 @@ def _patch(model, config: AdapterConfig):
         update = lambda w: LoRA(w, c.r, c.alpha, gen)
     for p in model.parameters():
         p.requires_grad_(False)
+    every = list(model.named_modules(remove_duplicate=False))
     for i, (name, kind, mod, w) in enumerate(targets):
         owner, _, attr = name.rpartition(".")
         if kind == "module":
             layer = linear(mod)
-            setattr(model.get_submodule(owner), attr, layer)
+            for alias in [n for n, x in every if x is mod]:              # every name this module has
+                owner, _, attr = alias.rpartition(".")
+                setattr(model.get_submodule(owner), attr, layer)
         else:
             layer = update(w)
             parametrize.register_parametrization(mod, attr, layer)
@@ -562,22 +612,43 @@ def trainable_parameters(model) -> int:
 # Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once.
 
 
-def _shifted(u, w, sign):
+def _shifted(u, w, merge: bool):
+    """W + DeltaW (merge), or W - the DeltaW of the last merge (unmerge), in float32 or wider."""
     dt = torch.promote_types(w.dtype, torch.float32)
-    return (w.to(dt) + sign * u.delta_weight().to(dt)).to(w.dtype)
+    dw = u.delta_weight(at_merge=not merge).to(dt)
+    return (w.to(dt) + dw if merge else w.to(dt) - dw).to(w.dtype)
+
+
+def _tied(model) -> dict:
+    """{storage: [qualified names]} of every parameter and buffer, each module counted once."""
+    out = {}
+    for mname, mod in model.named_modules():
+        for pname, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is not None and t.numel():
+                out.setdefault(t.untyped_storage().data_ptr(), []).append(f"{mname}.{pname}".lstrip("."))
+    return out
 
 
 @torch.no_grad()
 def _set_merged(model, merged: bool):
     todo = {name: (u, w) for name, (u, w) in adapters(model).items() if u.merged != merged}
-    sign = 1.0 if merged else -1.0
+    holders = _tied(model)
     for name, (u, w) in todo.items():                                  # check everything first
-        if not torch.isfinite(_shifted(u, w, sign)).all():
+        names = holders[w.untyped_storage().data_ptr()]
+        if len(names) > 1:
+            raise ValueError(f"{names[0]} and {names[1]} are one tied tensor; merging {name!r} would change both. "
+                             f"Untie them first (assign a clone), or leave {name!r} out of the targets; "
+                             "unmerged, training and inference are correct")
+        if not torch.isfinite(_shifted(u, w, merged)).all():
             raise ValueError(f"{'merging' if merged else 'unmerging'} {name!r} would give non-finite "
                              "weights; nothing was changed (check lam/gam and the weight's dtype range)")
     for u, w in todo.values():
-        w.copy_(_shifted(u, w, sign))
+        if merged:                                                     # record what goes in
+            for key, p in _trainables(u).items():
+                getattr(u, key + "_merged").copy_(p)
+        w.copy_(_shifted(u, w, merged))
         u.merged = merged
+        u.merged_flag.fill_(merged)
     return len(todo)
 
 
@@ -600,18 +671,33 @@ def _trainables(u):
     return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
 
 
+def _out_in(model) -> dict:
+    """{adapted name: [out, in]} of each base weight, whatever layout it is stored in."""
+    return {name: list(w.shape[::-1] if u.fan_in_fan_out else w.shape) for name, (u, w) in adapters(model).items()}
+
+
+def _is_plain(d) -> bool:
+    """A str-keyed dict of scalars and flat lists of them, <= 1 MiB of text: cheap to compare and repr."""
+    if type(d) is not dict or not all(type(k) is str for k in d):
+        return False
+    cells = [x for v in d.values() for x in (v if type(v) is list else [v])]
+    return sum(len(x) for x in cells if type(x) is str) <= 2**20 and all(
+        type(x) in (str, bool, float) or type(x) is int and abs(x) <= 2**64 for x in cells)
+
+
 def adapter_state_dict(model) -> dict:
-    """{"format_version", "config", "tensors": {"<name>.lam": (n, r), "<name>.gam": (n, k), ..}}.
-    Plain types and tensors only, so torch.load(..., weights_only=True) reads it."""
+    """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r),
+    "<name>.gam": (n, k), ..}}. Plain types and tensors only, so torch.load(..., weights_only=True) reads it."""
     config = asdict(adapter_config(model))
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
     tensors = {f"{name}.{key}": p.detach().cpu().clone()
                for name, (u, _) in adapters(model).items() for key, p in _trainables(u).items()}
-    return {"format_version": FORMAT_VERSION, "config": config, "tensors": tensors}
+    return {"format_version": FORMAT_VERSION, "config": config, "shapes": _out_in(model), "tensors": tensors}
 
 
-def load_adapter_state_dict(model, state) -> None:
-    """Load into a model patched with the same config; validates everything before copying."""
+def _checked(model, state) -> dict:
+    """{key: the Parameter it fills} once every entry fits the model: shapes before any data is read, and
+    errors name the model's values, never the checkpoint's objects (whose repr can cost anything)."""
     if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
         raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
     version = state["format_version"]
@@ -620,19 +706,24 @@ def load_adapter_state_dict(model, state) -> None:
                          "and gam from 1/k, this file applies s = alpha / (r sqrt(n)) and gam from 1/D, so "
                          "its update would come out sqrt(n) times smaller; retrain, or use the version that wrote it")
     if not isinstance(version, int) or version != FORMAT_VERSION:
-        raise ValueError(f"checkpoint format {state['format_version']!r}, this file reads {FORMAT_VERSION}")
-    have, saved = asdict(adapter_config(model)), state["config"]
-    if not isinstance(saved, dict) or not isinstance(state["tensors"], dict):
-        raise TypeError("checkpoint 'config' and 'tensors' must be dicts")
+        raise ValueError(f"checkpoint format is not {FORMAT_VERSION}; write it with this file's save_adapter")
+    have, saved, tensors = asdict(adapter_config(model)), state["config"], state["tensors"]
+    if not _is_plain(saved) or not isinstance(tensors, dict):
+        raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
     for key in ("method", "r", "alpha", "basis", "seed"):
-        if not isinstance(saved.get(key), (str, int, float)) or saved.get(key) != have[key]:
-            raise ValueError(f"checkpoint {key}={saved.get(key)!r} but the model was patched with "
-                             f"{key}={have[key]!r}; patch a fresh model with the checkpoint's config")
+        if saved.get(key) != have[key]:
+            raise ValueError(f"checkpoint {key} differs from the model's {key}={have[key]!r}; "
+                             "patch a fresh model with the checkpoint's config")
     expected = {f"{n}.{k}": p for n, (u, _) in adapters(model).items() for k, p in _trainables(u).items()}
-    tensors = state["tensors"]
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    missing = [k for k in expected if k not in tensors]
+    extra = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in tensors if k not in expected)
     if missing or extra:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+    shapes, got = _out_in(model), (state.get("shapes") if _is_plain(state.get("shapes")) else {})
+    wrong = [f"{n} {tuple(s)}" for n, s in shapes.items() if got.get(n) != s]
+    if wrong or got != shapes:
+        raise ValueError(f"checkpoint was saved from layers of other (out, in) shapes than this model's "
+                         f"{wrong[:5]}; load it into a model with the layer shapes it was trained with")
     for key, p in expected.items():
         t = tensors[key]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided or t.is_meta:
@@ -643,14 +734,19 @@ def load_adapter_state_dict(model, state) -> None:
                              f"the model expects {tuple(p.shape)}")
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
+    return expected
+
+
+def load_adapter_state_dict(model, state) -> None:
+    """Load into a model patched with the same config and layer shapes; validates everything before copying."""
     with torch.no_grad():
-        for key, p in expected.items():
-            p.copy_(tensors[key])
+        for key, p in _checked(model, state).items():
+            p.copy_(state["tensors"][key])
 
 
 def _digest(state) -> str:
-    """sha256 of the config and of every tensor's name, dtype, shape and bytes."""
-    h = hashlib.sha256(repr(sorted(state["config"].items())).encode())
+    """sha256 of config, shapes and each tensor's name, dtype, shape and bytes; safe once _checked."""
+    h = hashlib.sha256(repr([sorted(state[k].items()) for k in ("config", "shapes")]).encode())
     for key in sorted(state["tensors"]):
         t = state["tensors"][key].detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -666,8 +762,18 @@ def save_adapter(model, path) -> None:
 
 
 def load_adapter(model, path) -> None:
-    """Read with weights_only=True (no arbitrary unpickling); a damaged file is a ValueError."""
+    """Read with weights_only=True (no arbitrary unpickling) once the file and its zip records, unpacked,
+    fit in what this model's adapter can need (8 bytes an entry, plus 1 MiB) and none is compressed
+    (torch.save stores them), so refusing costs at most that. A damaged or hostile file is a ValueError."""
+    import os, zipfile
+    limit = 8 * sum(p.numel() for u, _ in adapters(model).values() for p in _trainables(u).values()) + 2**20
     try:
+        big = os.path.getsize(path) > limit                            # before its zip directory is read
+        records = [] if big else zipfile.ZipFile(path).infolist()
+        stored = all(r.compress_type == zipfile.ZIP_STORED for r in records)
+        if big or not stored or sum(r.file_size for r in records) > limit:
+            raise ValueError(f"the file or its records unpacked exceed the {limit} bytes this model's adapter "
+                             "can need, or a record is compressed")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
@@ -675,12 +781,12 @@ def load_adapter(model, path) -> None:
         raise ValueError(f"could not read adapter checkpoint {str(path)!r}: the file is damaged or not "
                          f"written by save_adapter ({type(e).__name__}: {str(e)[:200]})") from None
     digest = state.pop("sha256", None) if isinstance(state, dict) else None
-    if digest is not None:
-        try:
-            intact = _digest(state) == digest
-        except Exception:                          # malformed entries: load_adapter_state_dict names them
-            intact = True
-        if not intact:
-            raise ValueError(f"adapter checkpoint {str(path)!r} fails its sha256 check: the file was "
-                             "changed or damaged after save_adapter wrote it")
+    try:
+        _checked(model, state)                                         # every entry before its bytes
+        intact = digest is None or _digest(state) == digest
+    except (RecursionError, MemoryError):
+        intact = False
+    if not intact:
+        raise ValueError(f"adapter checkpoint {str(path)!r} fails its sha256 check (or nests too deeply to "
+                         "check): the file was changed or damaged after save_adapter wrote it")
     load_adapter_state_dict(model, state)

@@ -90,8 +90,31 @@ def test_vectorised_delta_equals_literal_sum_of_eq4(i, o, r, seed):
         torch.testing.assert_close(u.delta_weight(), oracle_delta(u), rtol=1e-12, atol=1e-12)
 
 
+@FAST
+@given(i=dims, o=dims, r=st.integers(1, 9), alpha=st.floats(0.1, 64.0), seed=st.integers(0, 2**16))
+def test_scale_is_alpha_over_r_sqrt_n_and_init_is_lam_zero_gam_one_over_D(i, o, r, alpha, seed):
+    """The authors' constants: s = alpha / (r sqrt(n)) times eq. 4's literal sum (over bases drawn
+    here from make_bases, not read from the layer), lam = 0 and gam = 1/D at init."""
+    r = min(r, i, o)
+    k, D, n = min(i, o), max(i, o), math.ceil(min(i, o) / r)
+    model = nn.Sequential(nn.Linear(i, o)).double()
+    R.add_randlora(model, ["0"], r, alpha, seed=seed)
+    u = model[0]
+    assert u.lam.shape == (n, r) and (u.lam == 0).all()
+    assert u.gam.shape == (n, k) and (u.gam == 1 / D).all()
+    randomise(model, seed)
+    A, B = (t.double() for t in R.make_bases(r, k, D, "uniform", seed))
+    lam, gam = u.lam.detach(), u.gam.detach()
+    U = sum(B[b] @ torch.diag(lam[b]) @ A @ torch.diag(gam[b]) for b in range(n))   # (D, k)
+    want = alpha / (r * math.sqrt(n)) * (U.T if i > o else U)                      # (out, in)
+    torch.testing.assert_close(u.delta_weight(), want, rtol=1e-12, atol=1e-12)
+    lora = nn.Sequential(nn.Linear(i, o)).double()
+    R.add_lora(lora, ["0"], r, alpha)
+    assert lora[0].scale == alpha / r                                              # LoRA keeps alpha / r
+
+
 def test_initial_gam_makes_stacked_update_rank_r():
-    """At init every gam_b = 1/k, so sum_b B_b diag(lam_b) A diag(gam_b) = (sum_b ..) A / k has
+    """At init every gam_b = 1/D, so sum_b B_b diag(lam_b) A diag(gam_b) = (sum_b ..) A / D has
     rank <= r however lam is set: training must separate the gam_b to reach full rank."""
     model = nn.Sequential(nn.Linear(12, 20).double())
     R.add_randlora(model, "0", 3, 1.0)
@@ -255,19 +278,26 @@ def _function_inputs(i, o, r, T, seed, requires_grad=True):
     return (rnd(T, i), rnd(o, i), rnd(o), rnd(n, r), rnd(n, k)), (A, B[:n], 0.7, i > o)
 
 
+def layer_fn(x, w, b, lam, gam, A, B, s, transposed, path):
+    """RandLoRAFunction on B (n, D, r) as eq. 4 writes it; the layer passes Bcat (D, m)."""
+    Bcat = B.transpose(0, 1).reshape(B.shape[1], -1)                        # (D, m)
+    return R.RandLoRAFunction.apply(x, w, b, lam, gam, A, Bcat, s, transposed, path == "materialised")
+
+
 @pytest.mark.parametrize("path", ["materialised", "factored"])
 @pytest.mark.parametrize("i,o,r", [(5, 9, 2), (9, 5, 2), (6, 6, 4)])    # n > 1, r | k and not
 def test_gradcheck_custom_function(path, i, o, r):
     tensors, frozen = _function_inputs(i, o, r, 4, seed=i * o)
-    assert torch.autograd.gradcheck(lambda *t: R.randlora_linear(*t, *frozen, path=path), tensors)
+    assert torch.autograd.gradcheck(lambda *t: layer_fn(*t, *frozen, path), tensors)
 
 
 @pytest.mark.parametrize("i,o,r", [(5, 9, 2), (9, 5, 2)])
 def test_gradcheck_weight_function_of_target_parameters(i, o, r):
     (_, w, _, lam, gam), (A, B, s, tr) = _function_inputs(i, o, r, 1, seed=3)
-    assert torch.autograd.gradcheck(lambda *t: R.RandLoRAWeightFunction.apply(*t, A, B, s, tr), (w, lam, gam))
+    Bcat = B.transpose(0, 1).reshape(B.shape[1], -1)                        # (D, m)
+    assert torch.autograd.gradcheck(lambda *t: R.RandLoRAWeightFunction.apply(*t, A, Bcat, s, tr), (w, lam, gam))
     U = naive(torch.eye(i, dtype=torch.float64), torch.zeros(o, i, dtype=torch.float64), None, lam, gam, A, B, s, tr)
-    torch.testing.assert_close(R.RandLoRAWeightFunction.apply(w, lam, gam, A, B, s, tr), w + U.T)
+    torch.testing.assert_close(R.RandLoRAWeightFunction.apply(w, lam, gam, A, Bcat, s, tr), w + U.T)
 
 
 def naive(x, w, b, lam, gam, A, B, s, transposed):
@@ -277,11 +307,11 @@ def naive(x, w, b, lam, gam, A, B, s, transposed):
 
 @FAST
 @given(i=dims, o=dims, r=st.integers(1, 7), T=st.integers(1, 12), seed=st.integers(0, 999),
-       path=st.sampled_from(["auto", "materialised", "factored"]))
+       path=st.sampled_from(["materialised", "factored"]))
 def test_gradients_equal_naive_autograd(i, o, r, T, seed, path):
     r = min(r, i, o)
     tensors, frozen = _function_inputs(i, o, r, T, seed)
-    y = R.randlora_linear(*tensors, *frozen, path=path)
+    y = layer_fn(*tensors, *frozen, path)
     y_ref = naive(*tensors, *frozen)
     gy = torch.randn_like(y)
     grads = torch.autograd.grad(y, tensors, gy)
@@ -295,7 +325,7 @@ def test_backward_returns_only_the_gradients_asked_for():
     (x, w, b, lam, gam), frozen = _function_inputs(6, 10, 3, 4, 0, requires_grad=False)
     lam.requires_grad_(True)
     for path in ("materialised", "factored"):
-        R.randlora_linear(x, w, b, lam, gam, *frozen, path=path).sum().backward()
+        layer_fn(x, w, b, lam, gam, *frozen, path).sum().backward()
         assert x.grad is None and w.grad is None and gam.grad is None and lam.grad is not None
         lam.grad = None
 
@@ -319,17 +349,6 @@ def test_function_saves_only_x_for_backward():
             h = model[0](x)
         assert [tuple(t.shape) for t in saved] == [(50, 32)] and saved[0].data_ptr() == x.data_ptr()
         del h
-
-
-@pytest.mark.parametrize("transposed", [False, True])
-def test_path_choice_flips_where_the_cost_model_says(transposed):
-    D, k = 3072, 768
-    costs = lambda T: R.path_costs(T, D, k, k, transposed)
-    cheaper = [T for T in range(1, 4000) if costs(T)["materialised"] <= costs(T)["factored"]]
-    flip = cheaper[0]
-    assert R.choose_path(flip - 1, D, k, k, transposed) == "factored"
-    assert R.choose_path(flip, D, k, k, transposed) == "materialised"
-    assert 0.2 * k < flip <= 2 * k                              # "below roughly k" (2k when D = 4k)
 
 
 # --------------------------------------------------------------------------- bases
@@ -379,10 +398,13 @@ def test_very_sparse_bases_lose_the_columns_where_A_is_zero():
 def test_bases_are_shared_views_even_after_to():
     model = nn.Sequential(*[nn.Linear(24, 48), nn.Linear(48, 24), nn.Linear(24, 24)])
     R.add_randlora(model, ["0", "1", "2"], 4, 1.0)
-    for m in (model, model.to(torch.float64), copy.deepcopy(model)):
-        ptrs = {t.untyped_storage().data_ptr() for u, _ in R.adapters(m).values() for t in u.bases()}
-        assert len(ptrs) == 2                                            # one A_full, one B_full
-        assert sum(1 for _ in m.buffers()) == 2 and next(m.buffers()).dtype == torch.float64
+    for m in (model, model.to(torch.float64), copy.deepcopy(model), copy.deepcopy(model).half()):
+        shared = next(x for x in m.modules() if isinstance(x, R.SharedBases))
+        ptrs = {t.untyped_storage().data_ptr() for u, _ in R.adapters(m).values() for t in (*u.bases(), u.A, u.Bcat)}
+        assert ptrs == {shared.A.untyped_storage().data_ptr(), shared.B.untyped_storage().data_ptr()}
+        assert all(u.Bcat.dtype == shared.B.dtype and u.Bcat.device == shared.B.device
+                   for u, _ in R.adapters(m).values())                    # the views were refreshed
+        assert sum(1 for _ in shared.buffers()) == 2 and shared.B.dtype in (torch.float64, torch.float16)
     assert "A" not in str(list(model.state_dict()))                      # never in checkpoints
 
 
@@ -517,6 +539,21 @@ def test_loading_a_mismatched_checkpoint_is_refused(change, words):
     before = snapshot(dst)
     with pytest.raises(ValueError, match=words):
         R.load_adapter_state_dict(dst, R.adapter_state_dict(src))
+    assert_unchanged(dst, before)
+
+
+def test_a_checkpoint_of_the_old_scaling_is_refused_with_the_reason(tmp_path):
+    """Format 1 was written with s = alpha / r and gam from 1/k: its lam and gam would act
+    sqrt(n) times smaller here, so loading refuses and names the change."""
+    src, dst = mlp(8, 12, 8), mlp(8, 12, 8)
+    for m in (src, dst):
+        R.add_randlora(m, ["0", "2"], 2, 1.0)
+    state = {**R.adapter_state_dict(src), "format_version": 1}
+    torch.save(state, tmp_path / "old.pt")
+    before = snapshot(dst)
+    for load in (lambda: R.load_adapter_state_dict(dst, state), lambda: R.load_adapter(dst, tmp_path / "old.pt")):
+        with pytest.raises(ValueError, match=r"format 1 .*alpha / \(r sqrt\(n\)\).*1/D"):
+            load()
     assert_unchanged(dst, before)
 
 
@@ -878,6 +915,77 @@ def test_cli_prints_the_table(world, capsys):
     assert "ETA" in err and "Traceback" not in err
 
 
+def test_amp_computes_forward_passes_in_bf16_and_keeps_float32_adapters(world, monkeypatch):
+    assert demo_vit.parse_args(argv(world)).amp is False                # default: on for CUDA only
+    args = demo_vit.parse_args(argv(world, "--amp", "--methods", "lora,randlora"))
+    seen, trained = set(), []
+    make, merge = demo_vit.make_classifier, R.merge
+
+    def make_and_watch(*a, **k):                                        # the dtype the last MLP computes in
+        model = make(*a, **k)
+        model.backbone.blocks[-1].mlp.register_forward_hook(
+            lambda m, i, out: seen.add((torch.is_grad_enabled(), out.dtype)))
+        return model
+
+    def watch_merge(backbone):                                          # run() merges right after training
+        trained.extend(p.dtype for p in backbone.parameters() if p.requires_grad)
+        return merge(backbone)
+    monkeypatch.setattr(demo_vit, "make_classifier", make_and_watch)
+    monkeypatch.setattr(R, "merge", watch_merge)
+    rows = demo_vit.run(args, log=lambda m: None)
+    assert seen == {(True, torch.bfloat16), (False, torch.bfloat16)}   # training and evaluation
+    assert trained and set(trained) == {torch.float32}
+    eager = {r["method"]: r for r in world.rows}
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 1 and row["seconds"] > 0
+        assert row["memory"] < eager[row["method"]]["memory"]           # bf16 activations saved for backward
+
+
+def test_compile_time_is_measured_apart_and_merged_eval_matches_eager(world):
+    # The eager backend runs dynamo's capture and guards (aot_eager and inductor are tested on a block above):
+    # merging must fail a guard and recompile, or the compiled graph would add DeltaW to W + DeltaW.
+    common = ("--methods", "randlora", "--batch-size", "12")            # 40 images: batches of 12 and 4
+    args = demo_vit.parse_args(argv(world, *common, "--compile", "--compile-backend", "eager"))
+    log = []
+    (row,) = demo_vit.run(args, log=log.append)
+    (plain,) = demo_vit.run(demo_vit.parse_args(argv(world, *common)), log=lambda m: None)
+    assert row["compile"] > 0 and row["seconds"] > 0
+    assert row["recompiles"] == 0                                       # the warm-up compiled both batch shapes
+    assert plain["compile"] is None and plain["recompiles"] is None
+    assert any("evaluation compiled" in line for line in log)
+    assert row["accuracy"] == plain["accuracy"] and torch.equal(row["predictions"], plain["predictions"])
+    table = demo_vit.format_table([row], args)
+    assert "torch.compile (eager)" in table and "compile" in table.splitlines()[2]
+
+
+def test_table_gives_train_time_as_a_ratio_to_full_fine_tuning(world):
+    def row(method, seconds):
+        return dict(method=method, r=None, trainable=10, accuracy=0.5, seconds=seconds, compile=None,
+                    recompiles=None, memory=None, files=[])
+
+    def ratios(rows):
+        header, *body = demo_vit.format_table(rows, world.args).splitlines()[2:2 + 1 + len(rows)]
+        end = header.index("time / full") + len("time / full")
+        return {line.split()[0]: line[end - 13:end].strip() for line in body}
+    rows = [row("none", None), row("lora", 3.0), row("randlora", 4.5), row("full", 6.0)]
+    assert ratios(rows) == {"none": "-", "lora": "0.50", "randlora": "0.75", "full": "1.00"}
+    assert ratios(rows[:3]) == {"none": "-", "lora": "n/a", "randlora": "n/a"}
+
+
+def test_lora_and_randlora_get_the_papers_alpha_2r_and_lr(world, monkeypatch):
+    calls = []
+    for name in ("add_lora", "add_randlora"):
+        def spy(*a, _real=getattr(R, name), _name=name, **k):
+            calls.append((_name, k["r"], k["alpha"]))
+            return _real(*a, **k)
+        monkeypatch.setattr(R, name, spy)
+    base = demo_vit.make_classifier(demo_vit.load_backbone(world.args), world.args, [f"c{i}" for i in range(10)])
+    for method in ("lora", "randlora"):
+        demo_vit.adapt(copy.deepcopy(base), method, world.args)
+    assert [(name, alpha / r) for name, r, alpha in calls] == [("add_lora", 2.0), ("add_randlora", 2.0)]
+    assert demo_vit.parse_args(["--device", "cpu"]).lr == 1e-3           # [1, app. C]
+
+
 def test_random_init_passes_pretrained_false_and_is_seeded(world):
     assert demo_vit.load_backbone(world.args).pretrained is True
     args = demo_vit.parse_args(argv(world, "--random-init"))
@@ -968,7 +1076,8 @@ def test_unloadable_model_is_a_short_message(world, tmp_path, monkeypatch, capsy
 
 def test_bad_flags_are_refused_before_any_work(world, capsys):
     for extra in (["--methods", "lora,dora"], ["--shots", "0"], ["--save-adapter", "/no/such/dir/a.pt"],
-                  ["--methods", "none", "--save-adapter", "a.pt"], ["--lr", "-1"]):
+                  ["--methods", "none", "--save-adapter", "a.pt"], ["--lr", "-1"],
+                  ["--compile", "--compile-backend", "no-such-backend"]):
         with pytest.raises(SystemExit) as e:
             demo_vit.parse_args(argv(world, *extra))
         assert e.value.code == 2
@@ -1565,7 +1674,8 @@ def draw_hostile_call(data, tmp_dir):
         layer = model[data.draw(st.sampled_from([0, 2]))]           # scalings that overflow DeltaW
         with torch.no_grad():
             huge = data.draw(st.sampled_from([math.nan, math.inf, 1e300]))
-            for p in (layer.lam, layer.gam):                        # 1e300 is inf in float32
+            keys = ("lam", "gam") if api == "merge" else ("lam_merged", "gam_merged")   # what each reads
+            for p in (getattr(layer, k) for k in keys):             # 1e300 is inf in float32
                 p.copy_(torch.full(p.shape, huge, dtype=torch.float64))
         return model, lambda: getattr(R, api)(model)
     if api == "adapter_state_dict":
@@ -1666,6 +1776,20 @@ def test_integer_weights_are_refused_with_type_error(dtype):
     assert_same_fingerprint(fingerprint(model), before)
 
 
+@pytest.mark.parametrize("add", [R.add_randlora, R.add_lora], ids=["randlora", "lora"])
+def test_seed_outside_the_generators_range_is_a_value_error_on_every_torch(add):
+    """torch.Generator takes seeds in [-2**63, 2**64); outside, torch 2.4-2.6 raise RuntimeError
+    and later versions ValueError, so the range is checked before torch sees the seed."""
+    for seed in (2**64, -2**63 - 1, 10**40):
+        model = small_mlp()
+        before = fingerprint(model)
+        with pytest.raises(ValueError, match=r"seed must lie in \[-2\*\*63, 2\*\*64\)"):
+            add(model, ["0", "2"], 2, 1.0, seed=seed)
+        assert_same_fingerprint(fingerprint(model), before)
+    for seed in (-2**63, 2**64 - 1):                                    # the ends of the range work
+        add(small_mlp(), ["0", "2"], 2, 1.0, seed=seed)
+
+
 # --------------------------------------------------------------------------- checkpoint files
 
 
@@ -1708,6 +1832,133 @@ def test_truncated_checkpoint_is_a_clear_value_error(tmp_path):
     assert_same_fingerprint(fingerprint(model), before)
     with pytest.raises(FileNotFoundError):                               # as open() does
         R.load_adapter(model, tmp_path / "missing.pt")
+
+
+def test_checkpoint_records_each_layers_out_in_and_refuses_other_shapes(tmp_path):
+    """lam (n, r) and gam (n, k) depend only on n, r and k, so a Linear(8, 16) checkpoint has the
+    tensors of a Linear(16, 8) or a Linear(8, 999) too: the saved (out, in) of each weight tells
+    them apart. A Conv1D stores its weight (in, out) and is compared in (out, in) terms."""
+    def patched(layer):
+        model = nn.Sequential(layer)
+        R.add_randlora(model, "0", r=2, alpha=4.0)
+        return model
+    src, path = patched(nn.Linear(8, 16)), tmp_path / "adapter.pt"
+    set_update_size(src, 0.1)
+    R.save_adapter(src, path)
+    assert R.adapter_state_dict(src)["shapes"] == {"0": [16, 8]}
+    for layer in (nn.Linear(16, 8), nn.Linear(8, 999)):
+        dst = patched(layer)
+        before = fingerprint(dst)
+        for load in (lambda: R.load_adapter(dst, path), lambda: R.load_adapter_state_dict(dst, R.adapter_state_dict(src))):
+            with pytest.raises(ValueError, match=r"other \(out, in\) shapes"):
+                load()
+        assert_same_fingerprint(fingerprint(dst), before)
+    conv = patched(Conv1D(16, 8))                                        # weight (8, 16): out 16, in 8
+    R.load_adapter(conv, path)
+    torch.testing.assert_close(conv[0].delta_weight().T, src[0].delta_weight().double())
+
+
+def rewrite_checkpoint(path, compression=0, pickle_edit=(b"", b""), extra_record=b""):
+    """Rewrite a torch.save zip record by record: compressed (zipfile.ZIP_DEFLATED is 8), with a
+    byte string of data.pkl replaced, and/or with one more record."""
+    import zipfile
+    raw = path.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(raw)) as zin, zipfile.ZipFile(path, "w", compression, compresslevel=1) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info.filename, data.replace(*pickle_edit) if info.filename.endswith("data.pkl") else data)
+        if extra_record:
+            zout.writestr(zin.namelist()[0].split("/")[0] + "/extra", extra_record)
+
+
+def test_compressed_or_oversized_checkpoint_is_refused_before_unpickling(tmp_path):
+    """torch.save stores its records uncompressed and an adapter's file is about the size of its
+    scalings, so a compressed record, or a file bigger than the model's adapter can need (8 bytes
+    an entry plus 1 MiB), is refused before torch.load unpacks anything."""
+    model, path = patched_mlp(), tmp_path / "adapter.pt"
+    before = fingerprint(model)
+    for how in (dict(compression=8), dict(extra_record=bytes(2 * 2**20))):
+        R.save_adapter(patched_mlp(seed=1), path)
+        rewrite_checkpoint(path, **how)
+        with pytest.raises(ValueError, match="exceed the .* bytes this model's adapter can need, or a record is compressed"):
+            R.load_adapter(model, path)
+    assert_same_fingerprint(fingerprint(model), before)
+    R.save_adapter(patched_mlp(seed=1), path)
+    rewrite_checkpoint(path)                                             # stored again: loads
+    R.load_adapter(model, path)
+
+
+HOSTILE = ["stride-0 tensor of 22000 x 22000", "list bomb in format_version", "list bomb in config",
+           "100000-deep list in format_version", "100000-deep list in config", "deflated 200 MiB record"]
+
+
+def write_hostile_checkpoint(path, kind):
+    """A file of a few KB (1 MB for the deflated record) that patched_mlp() must refuse cheaply."""
+    state = R.adapter_state_dict(patched_mlp(seed=1))
+    bomb = 0
+    for _ in range(8):
+        bomb = [bomb] * 10                                               # 10**8 leaves, 1 KB pickled
+    deep = (b"X\x04\x00\x00\x00DEEP", b"]" * 100_000 + b"a" * 99_999)   # "DEEP" -> [[[...]]] in data.pkl
+    if kind.startswith("stride-0"):
+        state["tensors"]["0.lam"] = torch.zeros(1).expand(22000, 22000)  # 1.8 GiB once contiguous
+    elif kind.startswith("deflated"):
+        state["tensors"]["0.lam"] = torch.zeros(50 * 2**20)
+    value = bomb if kind.startswith("list bomb") else "DEEP"
+    if kind.endswith("format_version"):
+        state["format_version"] = value
+    elif kind.endswith("config"):
+        state["config"]["target_modules"] = value
+    digest = {} if kind.endswith("format_version") else {"sha256": "0" * 64}   # digested before it is checked
+    torch.save({**state, **digest}, path)
+    if kind.startswith("100000") or kind.startswith("deflated"):
+        rewrite_checkpoint(path, 8 if kind.startswith("deflated") else 0, deep)
+
+
+MEASURE_LOAD = """
+import resource, sys, time, torch, torch.nn as nn, randlora as R
+with torch.random.fork_rng():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 8))
+R.add_randlora(model, ["0", "2"], r=2, alpha=4.0, seed=3)
+R.load_adapter(model, sys.argv[1])                                   # warm up on a good file
+baseline, start, error = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter(), "none"
+try:
+    R.load_adapter(model, sys.argv[2])
+except Exception as e:
+    error = type(e).__name__
+print(error, time.perf_counter() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024)
+"""
+
+
+@pytest.fixture(scope="module")
+def hostile_loads(tmp_path_factory):
+    """{kind: (error name, seconds, MiB of peak memory above the baseline)} of loading each hostile
+    file in a fresh process of its own (torch's allocations are invisible to tracemalloc), all at
+    once. Each starts from a small python: Linux carries a parent's RSS into ru_maxrss across exec."""
+    folder = tmp_path_factory.mktemp("hostile")
+    R.save_adapter(patched_mlp(seed=1), folder / "good.pt")
+    launch = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+    procs = {}
+    for i, kind in enumerate(HOSTILE):
+        write_hostile_checkpoint(folder / f"{i}.pt", kind)
+        procs[kind] = subprocess.Popen(
+            [sys.executable, "-c", launch, sys.executable, "-c", MEASURE_LOAD, folder / "good.pt", folder / f"{i}.pt"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(R.__file__)))
+    rows = {}
+    for kind, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        error, seconds, mib = out.split()
+        rows[kind] = (error, float(seconds), float(mib))
+    return rows
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_hostile_checkpoint_is_a_value_error_in_under_5_s_and_150_mib(hostile_loads, kind):
+    """Shapes are checked before a tensor's data is read or digested, errors never repr the file's
+    objects, nesting too deep to check is a ValueError, and compressed records are never unpacked."""
+    error, seconds, mib = hostile_loads[kind]
+    assert error == "ValueError" and seconds < 5 and mib < 150, (error, seconds, mib)
 
 
 def test_bit_flipped_checkpoint_fails_or_loads_exactly_what_was_saved(tmp_path):
@@ -1782,6 +2033,76 @@ def test_targets_are_marked_from_the_numbers():
                    "merged inference / base": True}
 
 
+def fixed_timings(seconds):
+    """A stand-in for bench.interleaved: every call of fn `name` takes seconds(name)."""
+    return lambda fns, repeats, warmup: {n: {"wall": [seconds(n)], "cpu": [seconds(n)]} for n in fns}
+
+
+def test_bench_overhead_mode_runs_the_tiny_stack_at_lora_rank_4():
+    rows = bench.main(["--overhead", "--blocks", "2", "--repeats", "2", "--warmup", "0"])
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [(r["T"], r["method"], r["shape"]) for r in train] == [(64, m, "tiny") for m in bench.METHODS]
+    by = {r["method"]: r for r in train}
+    assert by["lora"]["trainable"] == 2 * 4 * (32 + 96 + 32 + 32 + 32 + 128 + 128 + 32)   # rank 4, 2 blocks
+    assert abs(by["randlora"]["trainable"] - by["lora"]["trainable"]) < 0.1 * by["lora"]["trainable"]
+    (c,) = [c for c in bench.checks(rows) if c["target"] == "overhead step / LoRA"]
+    assert c["value"] == by["randlora"]["x_lora"] and c["limit"] == bench.OVERHEAD_TARGET
+    assert not [c for c in bench.checks(rows) if c["target"] == "step time / LoRA"]   # the ViT targets
+
+
+@pytest.mark.parametrize("slower,ok", [(1.25, True), (2.0, False)])
+def test_bench_overhead_target_is_marked_from_the_timings(monkeypatch, capsys, slower, ok):
+    monkeypatch.setattr(bench, "interleaved", fixed_timings(lambda n: slower if n == "randlora" else 1.0))
+    rows = bench.main(["--overhead", "--blocks", "1", "--repeats", "1", "--warmup", "0"])
+    (c,) = [c for c in bench.checks(rows) if c["target"] == "overhead step / LoRA"]
+    assert (c["value"], c["ok"]) == (slower, ok)
+    assert f"{'pass' if ok else 'MISS'}  overhead step / LoRA" in capsys.readouterr().out
+
+
+def test_bench_impl_runs_the_previous_copy_in_the_same_run_and_marks_current_over_previous(
+        monkeypatch, tmp_path):
+    prev = tmp_path / "randlora_prev.py"
+    prev.write_text(open(R.__file__).read())
+    times = {"randlora": 1.1, "lora": 1.0, "randlora@impl": 1.0, "lora@impl": 1.0}
+    monkeypatch.setattr(bench, "interleaved", fixed_timings(lambda n: times.get(n, 0.5)))
+    rows = bench.main(["--overhead", "--blocks", "1", "--tokens", "64", "256", "--repeats", "1",
+                       "--warmup", "0", "--impl", str(prev)])
+    train = [r for r in rows if r["kind"] == "train"]
+    methods = bench.METHODS + ("lora@impl", "randlora@impl")
+    assert [(r["T"], r["method"]) for r in train] == [(T, m) for T in (64, 256) for m in methods]
+    by = {(r["T"], r["method"]): r for r in train}
+    assert by[64, "randlora"]["x_prev"] == 1.1 and by[64, "full"]["x_prev"] is None
+    got = {(c["T"], c["method"]): c["ok"] for c in bench.checks(rows) if c["target"] == "step time / previous"}
+    assert got == {(256, "lora"): True, (256, "randlora"): False}      # marked at T in TOKENS only
+
+
+def test_bench_device_mode_on_cpu_gives_every_field_finite(tmp_path):
+    path = tmp_path / "device.json"
+    rows = bench.main(["--device", "cpu", "--shape", "tiny", "--blocks", "1", "--tokens", "16", "--repeats", "1",
+                       "--warmup", "0", "--dtype", "bf16", "--backend", "eager", "--json", str(path)])
+    assert [(r["kind"], r["device"], r["dtype"], r["T"], r["method"]) for r in rows] == \
+        [("device", "cpu", "bf16", 16, m) for m in bench.METHODS]
+    numbers = ("eager_ms", "compiled_ms", "compile_s", "x_lora", "x_full", "compiled_x_lora", "compiled_x_full",
+               "eager_issue_ms", "compiled_issue_ms")
+    for r in rows:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in numbers), r
+        assert r["eager_kernel_ms"] is None and r["compiled_kernel_ms"] is None   # no kernels on a CPU
+    by = {r["method"]: r for r in rows}
+    assert by["lora"]["x_lora"] == by["full"]["compiled_x_full"] == 1.0
+    assert bench.checks(rows) == []                                      # the targets are for CUDA
+    assert json.loads(path.read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_device_targets_are_marked_from_cuda_bf16_vit_rows_at_6304_tokens():
+    def row(method, x_lora, compiled_x_full, **at):
+        return {**dict(kind="device", device="cuda", dtype="bf16", shape="vit", T=6304, method=method,
+                       x_lora=x_lora, compiled_x_full=compiled_x_full), **at}
+    rows = [row("lora", 1.0, 0.9), row("randlora", 1.29, 1.5), row("randlora", 2.0, 2.0, dtype="fp32"),
+            row("randlora", 2.0, 2.0, device="cpu"), row("randlora", 2.0, 2.0, T=1576)]
+    got = {c["target"]: (c["value"], c["ok"]) for c in bench.checks(rows)}
+    assert got == {"eager step / LoRA (bf16)": (1.29, True), "compiled step / full FT (bf16)": (1.5, False)}
+
+
 # --------------------------------------------------------------------------- saved bytes
 
 
@@ -1833,73 +2154,296 @@ def test_both_paths_give_the_same_outputs_and_gradients(i, o):
     tensors = (rnd(3, 5, i), rnd(o, i), rnd(o), rnd(n, r), rnd(n, k))
     out = {}
     for path in ("materialised", "factored"):
-        y = R.randlora_linear(*tensors, A, B[:n], 0.5, i > o, path=path)
+        y = layer_fn(*tensors, A, B[:n], 0.5, i > o, path)
         out[path] = (y, *torch.autograd.grad(y, tensors, torch.ones_like(y)))
     for a, b in zip(out["materialised"], out["factored"]):
         torch.testing.assert_close(a, b)
 
 
+def multiply_adds(T, D, k, m, tr, grad):
+    """Multiply-adds of one adapted layer per path, counted product by product (independently
+    of the docstring's table): {"materialised": .., "factored": ..}."""
+    mat = T * D * k + D * k * m                                           # form W + DeltaW, x W_eff^T
+    fac = T * D * k + T * k * m + T * D * m                               # x W^T + (x L) R
+    if grad:
+        mat += D * k * m + T * D * k + T * D * k + D * k * m              # W_eff again, gy W_eff, G, Bcat^T G
+        fac += T * D * k + T * D * m + T * m * k + T * m * k              # gy W, Z, Z^T (x or gy), gx's product
+        fac += T * D * m if tr else 0                                     # gx: (gy LQ^T) Bcat^T, Z unused
+    return {"materialised": mat, "factored": fac}
+
+
 @pytest.mark.parametrize("name", ["qkv", "proj", "fc1", "fc2"])
-def test_choose_path_flips_at_the_crossover_of_path_costs(name):
-    """Find by bisection the first T at which path_costs says materialising is cheaper, for
-    each ViT-B layer at the equal-parameter rank; choose_path must flip exactly there."""
+@pytest.mark.parametrize("grad", [False, True])
+def test_path_flips_where_materialising_becomes_cheaper(name, grad):
+    """For each ViT-B layer at the equal-parameter rank, the precomputed threshold is the first
+    T at which materialising costs no more multiply-adds than the factored path."""
     model = bench.make_model("vit", 1)
     r = R.rank_for_budget(model, bench.TARGETS, bench.LORA_RANK)
-    w = getattr(model[0], name).weight
-    out, i = w.shape
-    k, D, m, tr = min(i, out), max(i, out), math.ceil(min(i, out) / r) * r, i > out
-    cheaper = lambda T: (lambda c: c["materialised"] <= c["factored"])(R.path_costs(T, D, k, m, tr))
-    lo, hi = 1, 1 << 20
-    assert not cheaper(lo) and cheaper(hi)
-    while hi - lo > 1:                                                  # invariant: not cheaper(lo), cheaper(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if cheaper(mid) else (mid, hi)
-    assert R.choose_path(lo, D, k, m, tr) == "factored"
-    assert R.choose_path(hi, D, k, m, tr) == "materialised"
-    assert 0.2 * k < hi <= 2 * k                                          # "below roughly k"
+    R.add_randlora(model, bench.TARGETS, r, 1.0)
+    layer = getattr(model[0], name)
+    c = lambda T: multiply_adds(T, layer.D, layer.k, layer.n * r, layer.transposed, grad)
+    flip = next(T for T in range(1, 20000) if c(T)["materialised"] <= c(T)["factored"])
+    assert layer.chosen_path(flip - 1, grad) == "factored" and layer.chosen_path(flip, grad) == "materialised"
+    assert 0.2 * layer.k < flip <= 2 * layer.k                            # "below roughly k"
+    layer.path = "factored"
+    assert layer.chosen_path(10 ** 9, grad) == "factored"
+    layer.path = "factorised"
+    with pytest.raises(ValueError, match="path must be one of"):
+        layer(torch.randn(2, layer.weight.shape[1]))
 
 
-# --------------------------------------------------------------------------- the fast path (issue 5)
-# The backward plans and the CSR operands of very sparse bases, against the eq. 4 oracle.
-
-
-def _oracle(x, w, b, lam, gam, A, B, s, transposed):
-    U = s * sum(B[j] @ torch.diag(lam[j]) @ A @ torch.diag(gam[j]) for j in range(B.shape[0]))
-    return torch.nn.functional.linear(x, w + (U.T if transposed else U), b)
-
-
+@pytest.mark.parametrize("basis", ["uniform", "very_sparse"])
 @pytest.mark.parametrize("i,o", [(12, 30), (30, 12)])
-@pytest.mark.parametrize("sparse", [False, True])
-def test_every_backward_plan_and_the_csr_operands_match_the_oracle(i, o, sparse):
-    g = torch.Generator().manual_seed(i)
-    k, D, r = min(i, o), max(i, o), 4
-    n = math.ceil(k / r)
-    A, B = (t.double() for t in R.make_bases(r, k, D, "very_sparse", 2))
-    B = B[:n]
-    Bcat = B.transpose(0, 1).reshape(D, n * r)
-    sp = (Bcat.to_sparse_csr(), Bcat.T.to_sparse_csr()) if sparse else None
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
-    tensors = (rnd(7, i), rnd(o, i), rnd(o), rnd(n, r), rnd(n, k))
-    y_ref = _oracle(*tensors, A, B, 0.5, i > o)
-    gy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
-    ref = torch.autograd.grad(y_ref, tensors, gy)
-    for path in ("materialised", "factored"):
-        for plan in [(a, b) for a in ("weight", "tokens") for b in ("weight", "tokens")]:
-            y = R.RandLoRAFunction.apply(*tensors, A, B, 0.5, i > o, path, plan, sp)
+def test_each_path_matches_the_eq4_oracle_in_float64_on_both_layouts(i, o, basis):
+    """A patched layer (nn.Linear and Conv1D layouts), forced onto each path, against the
+    literal eq. 4 loop: outputs and every gradient, 3-D input, n > 1."""
+    for conv in (False, True):
+        torch.manual_seed(i)
+        model = nn.Sequential(Conv1D(o, i) if conv else nn.Linear(i, o)).double()
+        R.add_randlora(model, ["0"], r=4, alpha=3.0, basis=basis, seed=2)
+        randomise(model)
+        layer = model[0]
+        x = torch.randn(2, 7, i, dtype=torch.float64, requires_grad=True)
+        W = layer.weight + oracle_delta(layer)                            # the base layout
+        y_ref = x @ W + layer.bias if conv else F.linear(x, W, layer.bias)
+        gy = torch.randn_like(y_ref)
+        ref = torch.autograd.grad(y_ref, (x, layer.lam, layer.gam), gy)
+        for path in ("materialised", "factored"):
+            layer.path = path
+            y = layer(x)
             torch.testing.assert_close(y, y_ref)
-            for got, want in zip(torch.autograd.grad(y, tensors, gy), ref):
+            for got, want in zip(torch.autograd.grad(y, (x, layer.lam, layer.gam), gy), ref):
                 torch.testing.assert_close(got, want)
 
 
-def test_backward_plan_takes_lam_gam_gradients_from_tokens_below_T_equals_D():
-    D, k = 3072, 768
-    assert R.backward_plan(D // 2, D, k, k, False)[0] == "tokens"
-    assert R.backward_plan(2 * D, D, k, k, False) == ("weight", "weight")
+# --------------------------------------------------------------------------- real model structures
+# Each case either works or is refused with the fix named, and a refusal changes nothing.
 
 
-def test_very_sparse_bases_multiply_as_csr_and_dense_bases_do_not():
-    for basis, expect in (("very_sparse", True), ("uniform", False)):
-        model = nn.Sequential(bench.Block(256, 1024))
-        R.add_randlora(model, bench.TARGETS, r=8, alpha=8.0, basis=basis)
-        shared = next(m for m in model.modules() if isinstance(m, R.SharedBases))
-        assert (shared.sparse_operands(32, 1024) is not None) == expect
+def test_merge_refuses_a_weight_shared_by_two_targets_and_changes_nothing():
+    for dtype in (torch.float32, torch.float16):
+        model = small_mlp(8, 8, 8, dtype=dtype)
+        model[2].weight = model[0].weight                                      # one tensor, two layers
+        R.add_randlora(model, ["0", "2"], 2, 4.0)
+        set_update_size(model, 0.5)
+        x = torch.randn(3, 8, dtype=dtype)
+        y = model(x)                                                           # unmerged: each layer adds its own
+        want = F.linear(F.gelu(F.linear(x, model[0].weight + model[0].delta_weight().to(dtype), model[0].bias)),
+                        model[2].weight + model[2].delta_weight().to(dtype), model[2].bias)
+        torch.testing.assert_close(y, want)
+        before = fingerprint(model)
+        with pytest.raises(ValueError, match=r"0\.weight and 2\.weight are one tied tensor.*Untie"):
+            R.merge(model)
+        assert_same_fingerprint(fingerprint(model), before)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte, self.c_attn = nn.Embedding(10, 8), nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 10, bias=False)
+        self.lm_head.weight = self.wte.weight                                  # GPT-2's tied embedding
+
+    def forward(self, ids):
+        return self.lm_head(self.c_attn(self.wte(ids)))
+
+
+def test_merge_refuses_a_tied_embedding_and_names_it():
+    model = TiedLM()
+    R.add_randlora(model, ["c_attn", "lm_head"], 2, 4.0)
+    set_update_size(model, 0.5)
+    ids = torch.arange(10)
+    logits = model(ids)
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=r"wte\.weight and lm_head\.weight are one tied tensor.*'lm_head'"):
+        R.merge(model)
+    assert_same_fingerprint(fingerprint(model), before)
+    assert torch.equal(model(ids), logits)
+
+
+class Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = self.b = nn.Linear(6, 6)                                      # one module, two names
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("target", ["a", "b"])
+def test_a_module_with_two_names_is_patched_under_both(target):
+    model = Reused().double()
+    assert R.add_randlora(model, [target], 2, 4.0) == ["a"]
+    assert model.a is model.b and isinstance(model.b, R.RandLoRALinear) and list(R.adapters(model)) == ["a"]
+    randomise(model)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    W = model.a.weight + model.a.delta_weight()
+    want = F.linear(torch.tanh(F.linear(x, W, model.a.bias)), W, model.a.bias)
+    torch.testing.assert_close(model(x), want)
+    R.merge(model)
+    torch.testing.assert_close(model(x), want)
+
+
+def test_encoder_layer_fast_path_targets_are_refused_and_target_parameters_work():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    before = fingerprint(layer)
+    for add in (R.add_randlora, R.add_lora):
+        with pytest.raises(ValueError, match=r"TransformerEncoderLayer reads its weight directly.*linear1\.weight"):
+            add(layer, ["linear1"], r=2, alpha=4.0)
+        assert_same_fingerprint(fingerprint(layer), before)
+    x = torch.randn(2, 5, 16)
+    base = layer(x)
+    R.add_randlora(layer, [], r=2, alpha=4.0, target_parameters=["linear1.weight", "linear2.weight"])
+    set_update_size(layer, 0.5)
+    with torch.no_grad():
+        evaluated = layer(x)                                                   # the fast path would skip it
+    layer.train()
+    torch.testing.assert_close(evaluated, layer(x).detach())
+    assert (evaluated - base).abs().max() > 1e-3
+
+
+class Scaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class Conv1D_out_in(nn.Module):                                                # named like HF's, stored (out, in)
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(o, i)), nn.Parameter(torch.zeros(o))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+Conv1D_out_in.__name__ = "Conv1D"
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda: Scaled(6, 6), "Scaled has its own forward.*target_parameters"),
+    (lambda: Conv1D_out_in(6, 6), "named Conv1D but is not Hugging Face's"),
+    (lambda: nn.utils.parametrizations.weight_norm(nn.Linear(6, 6)), "weight is computed"),
+    (lambda: torch.nn.utils.weight_norm(nn.Linear(6, 6)), "weight is computed"),
+], ids=["own_forward", "not_hf_conv1d", "weight_norm", "old_weight_norm"])
+def test_layers_the_patch_would_misread_are_refused(make, words):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                        # the old weight_norm is deprecated
+        model = nn.Sequential(make())
+    before = fingerprint(model)
+    for add in (R.add_randlora, R.add_lora):
+        with pytest.raises(ValueError, match=words):
+            add(model, ["0"], r=2, alpha=4.0)
+        assert_same_fingerprint(fingerprint(model), before)
+
+
+def test_own_forward_subclass_trains_through_target_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled(6, 6)).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    base = model(x)
+    R.add_randlora(model, [], r=2, alpha=4.0, target_parameters=["0.weight"])
+    torch.testing.assert_close(model(x), base)
+    randomise(model)
+    torch.testing.assert_close(model(x), 2 * F.linear(x, model[0].weight, model[0].bias))   # its forward kept
+
+
+@pytest.mark.parametrize("method", ["randlora", "lora"])
+def test_state_dict_carries_the_merged_state(method):
+    add = R.add_randlora if method == "randlora" else R.add_lora
+    trained, fresh = small_mlp(dtype=torch.float64), small_mlp(dtype=torch.float64)
+    for m in (trained, fresh):
+        add(m, ["0", "2"], r=2, alpha=4.0)
+    randomise(trained)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = trained(x)
+    R.merge(trained)
+    fresh.load_state_dict(trained.state_dict())                               # saved merged, loaded unmerged
+    assert all(u.merged for u, _ in R.adapters(fresh).values())
+    torch.testing.assert_close(fresh(x), want)
+    R.unmerge(fresh)
+    torch.testing.assert_close(fresh(x), want)
+    R.unmerge(trained)
+    unmerged = {k: v.clone() for k, v in trained.state_dict().items()}
+    R.merge(fresh)
+    fresh.load_state_dict(unmerged)                                           # saved unmerged, loaded merged
+    assert not any(u.merged for u, _ in R.adapters(fresh).values())
+    R.unmerge(fresh)
+    torch.testing.assert_close(fresh[0].weight, trained[0].weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["randlora", "lora"])
+def test_unmerge_restores_the_weight_even_if_an_optimizer_moved_the_scalings(method):
+    model = small_mlp()
+    (R.add_randlora if method == "randlora" else R.add_lora)(model, ["0", "2"], r=2, alpha=4.0)
+    randomise(model)
+    with torch.no_grad():
+        for u, _ in R.adapters(model).values():
+            for p in R._trainables(u).values():
+                p.mul_(0.1)
+    W0 = model[0].weight.detach().clone()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()                                                                 # momentum from here on
+    R.merge(model)
+    opt.zero_grad(set_to_none=False)
+    opt.step()                                                                 # moves them on a zero gradient
+    R.unmerge(model)
+    torch.testing.assert_close(model[0].weight, W0, rtol=0, atol=1e-6)
+
+
+def test_integer_input_is_a_type_error_like_nn_linear():
+    model = small_mlp()
+    R.add_randlora(model, ["0", "2"], r=2, alpha=4.0)
+    with pytest.raises(TypeError, match="floating-point input"):
+        model(torch.ones(2, 8, dtype=torch.long))
+
+
+def test_bases_do_not_depend_on_the_order_of_targets_of_mixed_dtype():
+    deltas = []
+    for order in (["body", "head"], ["head", "body"]):
+        model = nn.Sequential(OrderedDict(body=nn.Linear(16, 16).bfloat16(), head=nn.Linear(16, 4)))
+        R.add_randlora(model, order, r=2, alpha=4.0)
+        randomise(model)
+        deltas.append(model.head.delta_weight())
+    assert torch.equal(deltas[0], deltas[1])
+
+
+def test_sparse_bases_that_zero_a_layer_are_refused():
+    seeds = [s for s in range(40) if not R.make_bases(2, 16, 1000, "very_sparse", s)[0].any()]
+    assert seeds                                                               # such seeds exist
+    model = nn.Sequential(nn.Linear(16, 1000))
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="update would stay zero"):
+        R.add_randlora(model, ["0"], r=2, alpha=4.0, basis="very_sparse", seed=seeds[0])
+    assert_same_fingerprint(fingerprint(model), before)
+
+
+def test_alpha_zero_is_refused():
+    with pytest.raises(ValueError, match="non-zero"):
+        R.add_randlora(small_mlp(), ["0"], r=2, alpha=0.0)
+
+
+def test_half_after_patching_keeps_float32_masters():
+    model = small_mlp()
+    R.add_randlora(model, ["0", "2"], r=2, alpha=4.0)
+    randomise(model)
+    lam = model[0].lam.detach().clone()
+    model.half()
+    assert model[0].weight.dtype == torch.float16 and model[0].Bcat.dtype == torch.float16
+    assert model[0].lam.dtype == torch.float32 and torch.equal(model[0].lam, lam)
+    model.double()
+    assert model[0].lam.dtype == torch.float64
+
+
+def test_a_meta_device_model_is_refused_with_what_to_do():
+    with torch.device("meta"):
+        model = small_mlp()
+    with pytest.raises(ValueError, match="meta device"):
+        R.add_randlora(model, ["0"], r=2, alpha=4.0)
+
+
+def test_adapted_names_come_in_model_order():
+    model = small_mlp()
+    assert R.add_randlora(model, ["2", "0"], r=2, alpha=4.0) == ["0", "2"]
