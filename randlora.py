@@ -53,9 +53,12 @@ References
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+import os
+import zipfile
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -80,6 +83,7 @@ class AdapterConfig:
     dropout: float = 0.0                 # dropout on the adapter branch's input while training
     target_modules: tuple = ()           # qualified names (or dotted suffixes) of nn.Linear / Conv1D
     target_parameters: tuple = ()        # qualified names (or suffixes) of raw 2-D weight Parameters
+    trainable: tuple = ()                # modules (names or suffixes) left trainable and saved, e.g. a head
 
 
 # ----------------------------------------------------------------------------------------
@@ -268,7 +272,7 @@ class _Update(nn.Module):
     merged. The trainables stay float32 (or wider) masters through model.half() or .bfloat16()."""
 
     def _record_merges(self):
-        self.merged = False
+        self.merged = self.disabled = False
         self.register_buffer("merged_flag", torch.tensor(False))
         for name, p in _trainables(self).items():
             self.register_buffer(name + "_merged", torch.zeros_like(p))
@@ -330,7 +334,7 @@ class RandLoRA(_Update):
         return dw.T if self.fan_in_fan_out else dw                     # (out, in) or (in, out)
 
     def forward(self, W):                                               # as a parametrization
-        if self.merged:
+        if self.merged or self.disabled:
             return W
         return RandLoRAWeightFunction.apply(W, self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed)
 
@@ -355,12 +359,19 @@ class LoRA(_Update):
         return dw.T if self.fan_in_fan_out else dw
 
     def forward(self, W):                                               # as a parametrization
-        return W if self.merged else W + self.delta_weight().to(W.dtype)
+        return W if self.merged or self.disabled else W + self.delta_weight().to(W.dtype)
 
 
 def _adopt_linear(layer: nn.Module, base: nn.Module, dropout: float):
     layer.weight, layer.bias = base.weight, base.bias                  # the same frozen Parameters
     layer.dropout = nn.Dropout(dropout)
+    object.__setattr__(layer, "base_layer", base)                      # not a child: see _synced_base
+
+
+def _synced_base(layer: nn.Module) -> nn.Module:
+    """The module a layer replaced, holding the layer's current weight and bias."""
+    layer.base_layer.weight, layer.base_layer.bias = layer.weight, layer.bias
+    return layer.base_layer
 
 
 class RandLoRALinear(RandLoRA):
@@ -382,8 +393,8 @@ class RandLoRALinear(RandLoRA):
 
     def forward(self, x):
         W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
-        if self.merged:
-            return F.linear(x, W, self.bias)
+        if self.merged or self.disabled:
+            return self.base_layer(x) if self.disabled else F.linear(x, W, self.bias)
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point input, got {x.dtype}")
         mat = self.chosen_path(x.numel() // x.shape[-1], torch.is_grad_enabled()) == "materialised"
@@ -399,6 +410,8 @@ class LoRALinear(LoRA):
         _adopt_linear(self, base, dropout)
 
     def forward(self, x):
+        if self.disabled:
+            return self.base_layer(x)
         W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
         y = F.linear(x, W, self.bias)                                  # (..., out)
         if self.merged:
@@ -503,11 +516,31 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
         raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
 
 
+def _replace(model, old: nn.Module, new: nn.Module):
+    """Put `new` under every name that `old` has in the model."""
+    for name in [n for n, x in model.named_modules(remove_duplicate=False) if x is old]:
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, new)
+
+
+def _extra_trainables(model, patterns, targets=()) -> dict:
+    """{qualified name: Parameter} of the modules named in `trainable`; validates."""
+    hits = [n for n, _ in model.named_modules() if n and any(_matches(n, p) for p in patterns)]
+    for pat in patterns:
+        if not any(_matches(n, pat) for n in hits):
+            raise ValueError(f"trainable {pat!r} matches no module of the model")
+    for n in hits:
+        if any(t[0] == n or t[0].startswith(n + ".") for t in targets):
+            raise ValueError(f"trainable {n!r} holds an adapted layer; name a module beside the targets (e.g. a head)")
+    return {k: p for n in hits for k, p in model.get_submodule(n).named_parameters(prefix=n)}
+
+
 def _patch(model, config: AdapterConfig):
     """Validate everything, then freeze the model and install an adapter on every target."""
     c = config
     _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if c.method == "randlora" else "uniform")
     targets = _find_targets(model, c.target_modules, c.target_parameters)
+    extra = _extra_trainables(model, _as_names(c.trainable, "trainable"), targets).values()
     for name, kind, mod, w in targets:
         if not w.is_floating_point():
             raise TypeError(f"{name!r} has dtype {w.dtype}; only floating-point weights can be adapted "
@@ -536,14 +569,13 @@ def _patch(model, config: AdapterConfig):
         update = lambda w: LoRA(w, c.r, c.alpha, gen)
     for p in model.parameters():
         p.requires_grad_(False)
-    every = list(model.named_modules(remove_duplicate=False))
+    for p in extra:
+        p.requires_grad_(True)
     for i, (name, kind, mod, w) in enumerate(targets):
         owner, _, attr = name.rpartition(".")
         if kind == "module":
             layer = linear(mod)
-            for alias in [n for n, x in every if x is mod]:              # every name this module has
-                owner, _, attr = alias.rpartition(".")
-                setattr(model.get_submodule(owner), attr, layer)
+            _replace(model, mod, layer)
         else:
             layer = update(w)
             parametrize.register_parametrization(mod, attr, layer)
@@ -553,21 +585,23 @@ def _patch(model, config: AdapterConfig):
 
 
 def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0,
-                 target_parameters=()) -> list:
+                 target_parameters=(), trainable=()) -> list:
     """Patch `model` in place: every nn.Linear / Conv1D whose qualified name matches one of
     `target_modules` (exactly, or as a dotted suffix: "attn.qkv" matches "blocks.0.attn.qkv")
     becomes a RandLoRALinear, every 2-D Parameter matching `target_parameters` (e.g.
     "in_proj_weight" of nn.MultiheadAttention) gets a RandLoRA parametrization, and every other
-    parameter is frozen. Returns the adapted names. On bad input raises and changes nothing."""
+    parameter is frozen but those of the modules named in `trainable` (e.g. a new head), which
+    adapter checkpoints then carry too. Returns the adapted names. On bad input raises and
+    changes nothing."""
     config = AdapterConfig("randlora", r, alpha, basis, seed, dropout, _as_names(target_modules, "target_modules"),
-                           _as_names(target_parameters, "target_parameters"))
+                           _as_names(target_parameters, "target_parameters"), _as_names(trainable, "trainable"))
     return _patch(model, config)
 
 
-def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=()) -> list:
+def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=(), trainable=()) -> list:
     """The LoRA baseline with the same targeting, freezing and errors as add_randlora."""
     config = AdapterConfig("lora", r, alpha, "none", seed, dropout, _as_names(target_modules, "target_modules"),
-                           _as_names(target_parameters, "target_parameters"))
+                           _as_names(target_parameters, "target_parameters"), _as_names(trainable, "trainable"))
     return _patch(model, config)
 
 
@@ -663,12 +697,58 @@ def unmerge(model) -> int:
     return _set_merged(model, False)
 
 
+def unload(model) -> nn.Module:
+    """Merge, then give the plain model back: every patched layer becomes its original module
+    again (nn.Linear, Conv1D; a raw weight loses its parametrization), the bases go, and
+    model.state_dict() has exactly the base model's keys. Parameters stay frozen. Refuses,
+    changing nothing, where merging would be wrong (tied weights)."""
+    merge(model)
+    for name, (u, w) in adapters(model).items():
+        if isinstance(u, (RandLoRALinear, LoRALinear)):
+            _replace(model, u, _synced_base(u))
+        else:                                                           # keeps W + DeltaW
+            owner, _, attr = name.rpartition(".")
+            parametrize.remove_parametrizations(model.get_submodule(owner), attr)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model):
+    """Inside: the base model's function (bit for bit if unmerged, within one unmerge's rounding
+    if merged), lam and gam (LoRA's factors) not requiring grad. After: everything as before."""
+    ups = [u for u, _ in adapters(model).values()]
+    merged, params = any(u.merged for u in ups), [p for u in ups for p in _trainables(u).values()]
+    wanted = [p.requires_grad for p in params]
+    unmerge(model)
+    try:
+        for u in ups:
+            u.disabled = True
+            if hasattr(u, "base_layer"):                                # a layer runs its original
+                _synced_base(u)
+        for p in params:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for u in ups:
+            u.disabled = False
+        for p, want in zip(params, wanted):
+            p.requires_grad_(want)
+        if merged:
+            merge(model)
+
+
 # ----------------------------------------------------------------------------------------
 # Adapter checkpoints: the trainable scalings and the config, never the bases.
 
 
 def _trainables(u):
     return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
+
+
+def _saved(model) -> dict:
+    """{checkpoint key: Parameter}: every adapter's trainables, then the `trainable` modules' parameters."""
+    out = {f"{n}.{k}": p for n, (u, _) in adapters(model).items() for k, p in _trainables(u).items()}
+    return {**out, **_extra_trainables(model, adapter_config(model).trainable)}
 
 
 def _out_in(model) -> dict:
@@ -690,8 +770,7 @@ def adapter_state_dict(model) -> dict:
     "<name>.gam": (n, k), ..}}. Plain types and tensors only, so torch.load(..., weights_only=True) reads it."""
     config = asdict(adapter_config(model))
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
-    tensors = {f"{name}.{key}": p.detach().cpu().clone()
-               for name, (u, _) in adapters(model).items() for key, p in _trainables(u).items()}
+    tensors = {key: p.detach().cpu().clone() for key, p in _saved(model).items()}
     return {"format_version": FORMAT_VERSION, "config": config, "shapes": _out_in(model), "tensors": tensors}
 
 
@@ -714,7 +793,7 @@ def _checked(model, state) -> dict:
         if saved.get(key) != have[key]:
             raise ValueError(f"checkpoint {key} differs from the model's {key}={have[key]!r}; "
                              "patch a fresh model with the checkpoint's config")
-    expected = {f"{n}.{k}": p for n, (u, _) in adapters(model).items() for k, p in _trainables(u).items()}
+    expected = _saved(model)
     missing = [k for k in expected if k not in tensors]
     extra = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in tensors if k not in expected)
     if missing or extra:
@@ -761,12 +840,25 @@ def save_adapter(model, path) -> None:
     torch.save({**state, "sha256": _digest(state)}, path)
 
 
+def _config_of(state) -> AdapterConfig:
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not _is_plain(saved) or set(saved) != {f.name for f in fields(AdapterConfig)} or \
+            saved["method"] not in ("randlora", "lora"):
+        raise ValueError("checkpoint 'config' is not one written by adapter_state_dict(); cannot patch from it")
+    return AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in saved.items()})
+
+
 def load_adapter(model, path) -> None:
     """Read with weights_only=True (no arbitrary unpickling) once the file and its zip records, unpacked,
-    fit in what this model's adapter can need (8 bytes an entry, plus 1 MiB) and none is compressed
-    (torch.save stores them), so refusing costs at most that. A damaged or hostile file is a ValueError."""
-    import os, zipfile
-    limit = 8 * sum(p.numel() for u, _ in adapters(model).values() for p in _trainables(u).values()) + 2**20
+    fit in what this model's adapter can need (8 bytes an entry, plus 1 MiB; a model without adapters:
+    16 bytes per model parameter) and none is compressed (torch.save stores them). A model without
+    adapters is first patched from the checkpoint's config (and unpatched again if loading fails).
+    A damaged or hostile file is a ValueError, or a TypeError naming the entry."""
+    _require_module(model)
+    patched = any(isinstance(m, SharedBases) for m in model.modules())
+    limit = 8 * sum(p.numel() for p in _saved(model).values()) if patched else \
+        16 * sum(p.numel() for p in model.parameters())
+    limit += 2**20
     try:
         big = os.path.getsize(path) > limit                            # before its zip directory is read
         records = [] if big else zipfile.ZipFile(path).infolist()
@@ -781,12 +873,20 @@ def load_adapter(model, path) -> None:
         raise ValueError(f"could not read adapter checkpoint {str(path)!r}: the file is damaged or not "
                          f"written by save_adapter ({type(e).__name__}: {str(e)[:200]})") from None
     digest = state.pop("sha256", None) if isinstance(state, dict) else None
+    grads = {p: p.requires_grad for p in model.parameters()}
     try:
+        if not patched:
+            _patch(model, _config_of(state))
         _checked(model, state)                                         # every entry before its bytes
-        intact = digest is None or _digest(state) == digest
-    except (RecursionError, MemoryError):
-        intact = False
-    if not intact:
-        raise ValueError(f"adapter checkpoint {str(path)!r} fails its sha256 check (or nests too deeply to "
-                         "check): the file was changed or damaged after save_adapter wrote it")
-    load_adapter_state_dict(model, state)
+        if digest is not None and _digest(state) != digest:
+            raise ValueError(f"adapter checkpoint {str(path)!r} fails its sha256 check: the file was "
+                             "changed or damaged after save_adapter wrote it")
+        load_adapter_state_dict(model, state)
+    except BaseException as e:
+        if not patched and adapters(model):                            # patched here: undo it
+            unload(model)
+            for p, wanted in grads.items():
+                p.requires_grad_(wanted)
+        if isinstance(e, (RecursionError, MemoryError)):
+            raise ValueError(f"adapter checkpoint {str(path)!r} nests too deeply or is too large to check") from None
+        raise

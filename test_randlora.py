@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -1300,10 +1301,14 @@ def ddp_rank_main(rank, world, init_file, out_file):
         result[f"{optimiser}.bases_before"] = [sb.A.clone(), sb.B.clone()]
         # DDP by default broadcasts rank 0's parameters and buffers at construction and the
         # buffers (our bases) again before every forward. Either would hide a rank whose bases
-        # differ, so both are off: init_sync=False and forward_sync_buffers=False (the 2.13
-        # spelling; broadcast_buffers=False is deprecated). The only communication left is the
-        # all-reduce of the lam/gam gradients.
-        ddp = DistributedDataParallel(model, init_sync=False, forward_sync_buffers=False)
+        # differ, so both are off where this torch can say so: init_sync=False (torch >= 2.5;
+        # before it, bases_before above is the proof) and forward_sync_buffers=False (2.13;
+        # broadcast_buffers=False before). The only communication left is the all-reduce of
+        # the lam/gam gradients.
+        known = inspect.signature(DistributedDataParallel.__init__).parameters
+        off = {"init_sync": False} if "init_sync" in known else {}
+        off["forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers"] = False
+        ddp = DistributedDataParallel(model, **off)
         train_scalings(ddp, [p for p in model.parameters() if p.requires_grad],
                        X.chunk(world)[rank], Y.chunk(world)[rank], optimiser)
         result[optimiser] = R.adapter_state_dict(model)["tensors"]
@@ -1609,7 +1614,7 @@ def bad_tensor(data, good, into_dtype):
     ), label="bad tensor")
 
 
-def draw_bad_state(data, state, into_dtype):
+def draw_bad_state(data, state, into_dtype, exclude=()):
     """A deep copy of a valid adapter checkpoint with harmless noise and exactly one defect."""
     state = copy.deepcopy(state)
     if data.draw(st.booleans(), label="noise: extra top-level key"):
@@ -1617,8 +1622,9 @@ def draw_bad_state(data, state, into_dtype):
     if data.draw(st.booleans(), label="noise: a float64 copy of an entry"):
         key = data.draw(st.sampled_from(sorted(state["tensors"])))
         state["tensors"][key] = state["tensors"][key].double()
-    defect = data.draw(st.sampled_from(["not a dict", "drop top-level", "format_version", "config", "config entry",
-                                        "tensors", "drop tensor", "extra tensor", "bad tensor"]), label="defect")
+    defect = data.draw(st.sampled_from([d for d in ["not a dict", "drop top-level", "format_version", "config",
+                                                    "config entry", "tensors", "drop tensor", "extra tensor",
+                                                    "bad tensor"] if d not in exclude]), label="defect")
     if defect == "not a dict":
         return data.draw(st.sampled_from([None, [], [1, 2], torch.zeros(2), "x"]))
     if defect == "drop top-level":
@@ -1688,8 +1694,10 @@ def draw_hostile_call(data, tmp_dir):
         R.merge(model)
     watched = model if target in ("patched", "merged") else small_mlp(dtype=dtype)
     who = watched if target != "not a module" else data.draw(NOT_A_MODULE)
-    if target == "patched" or data.draw(st.booleans(), label="also a bad state"):
-        state, state_ok = draw_bad_state(data, state, model[0].lam.dtype), False
+    legal = target == "unpatched" and api == "load_adapter"                  # patches it from the file
+    if target == "patched" or legal or data.draw(st.booleans(), label="also a bad state"):
+        exclude = ("config entry",) if legal else ()                          # another config is one to patch with
+        state, state_ok = draw_bad_state(data, state, model[0].lam.dtype, exclude), False
     if api == "load_adapter_state_dict":
         return watched, lambda: R.load_adapter_state_dict(who, state)
     path = os.path.join(tmp_dir, "adapter.pt")
@@ -1849,7 +1857,8 @@ def test_checkpoint_records_each_layers_out_in_and_refuses_other_shapes(tmp_path
     for layer in (nn.Linear(16, 8), nn.Linear(8, 999)):
         dst = patched(layer)
         before = fingerprint(dst)
-        for load in (lambda: R.load_adapter(dst, path), lambda: R.load_adapter_state_dict(dst, R.adapter_state_dict(src))):
+        state = R.adapter_state_dict(src)
+        for load in (lambda: R.load_adapter(dst, path), lambda: R.load_adapter_state_dict(dst, state)):
             with pytest.raises(ValueError, match=r"other \(out, in\) shapes"):
                 load()
         assert_same_fingerprint(fingerprint(dst), before)
@@ -1880,7 +1889,7 @@ def test_compressed_or_oversized_checkpoint_is_refused_before_unpickling(tmp_pat
     for how in (dict(compression=8), dict(extra_record=bytes(2 * 2**20))):
         R.save_adapter(patched_mlp(seed=1), path)
         rewrite_checkpoint(path, **how)
-        with pytest.raises(ValueError, match="exceed the .* bytes this model's adapter can need, or a record is compressed"):
+        with pytest.raises(ValueError, match="exceed the .* bytes this model's adapter can need, or a record is comp"):
             R.load_adapter(model, path)
     assert_same_fingerprint(fingerprint(model), before)
     R.save_adapter(patched_mlp(seed=1), path)
@@ -1897,7 +1906,7 @@ def write_hostile_checkpoint(path, kind):
     state = R.adapter_state_dict(patched_mlp(seed=1))
     bomb = 0
     for _ in range(8):
-        bomb = [bomb] * 10                                               # 10**8 leaves, 1 KB pickled
+        bomb = [bomb] * 10                                               # 10**8 leaves, 200 bytes pickled
     deep = (b"X\x04\x00\x00\x00DEEP", b"]" * 100_000 + b"a" * 99_999)   # "DEEP" -> [[[...]]] in data.pkl
     if kind.startswith("stride-0"):
         state["tensors"]["0.lam"] = torch.zeros(1).expand(22000, 22000)  # 1.8 GiB once contiguous
@@ -1910,8 +1919,10 @@ def write_hostile_checkpoint(path, kind):
         state["config"]["target_modules"] = value
     digest = {} if kind.endswith("format_version") else {"sha256": "0" * 64}   # digested before it is checked
     torch.save({**state, **digest}, path)
-    if kind.startswith("100000") or kind.startswith("deflated"):
-        rewrite_checkpoint(path, 8 if kind.startswith("deflated") else 0, deep)
+    if kind.startswith("100000"):
+        rewrite_checkpoint(path, pickle_edit=deep)
+    elif kind.startswith("deflated"):
+        rewrite_checkpoint(path, compression=8)
 
 
 MEASURE_LOAD = """
@@ -2230,7 +2241,7 @@ def test_merge_refuses_a_weight_shared_by_two_targets_and_changes_nothing():
         y = model(x)                                                           # unmerged: each layer adds its own
         want = F.linear(F.gelu(F.linear(x, model[0].weight + model[0].delta_weight().to(dtype), model[0].bias)),
                         model[2].weight + model[2].delta_weight().to(dtype), model[2].bias)
-        torch.testing.assert_close(y, want)
+        torch.testing.assert_close(y, want, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)))
         before = fingerprint(model)
         with pytest.raises(ValueError, match=r"0\.weight and 2\.weight are one tied tensor.*Untie"):
             R.merge(model)
@@ -2447,3 +2458,140 @@ def test_a_meta_device_model_is_refused_with_what_to_do():
 def test_adapted_names_come_in_model_order():
     model = small_mlp()
     assert R.add_randlora(model, ["2", "0"], r=2, alpha=4.0) == ["0", "2"]
+
+
+# --------------------------------------------------------------------------- the verbs PEFT and minLoRA users reach for
+
+
+class MixedBase(nn.Module):
+    """A Linear, a Hugging Face style Conv1D and a MultiheadAttention: the three kinds of target."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.conv, self.attn = nn.Linear(8, 8), Conv1D(8, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+        self.conv.float()                                                      # the test Conv1D is built float64
+
+    def forward(self, x):
+        return self.attn(*(self.conv(self.fc(x)),) * 3, need_weights=False)[0]
+
+
+def patch_mixed(model, method):
+    add = R.add_randlora if method == "randlora" else R.add_lora
+    return add(model, ["fc", "conv"], r=2, alpha=4.0, target_parameters=["attn.in_proj_weight"])
+
+
+@pytest.mark.parametrize("method", ["randlora", "lora"])
+def test_unload_gives_a_plain_model_that_loads_strictly_into_the_base(method):
+    model = MixedBase().double()
+    keys = set(model.state_dict())
+    patch_mixed(model, method)
+    randomise(model)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    want = model(x)
+    plain = R.unload(model)
+    assert plain is model and set(model.state_dict()) == keys
+    assert type(model.fc) is nn.Linear and type(model.conv) is Conv1D and not R.adapters(model)
+    assert not any(isinstance(m, (R.SharedBases, R._Update)) for m in model.modules())
+    fresh = MixedBase().double()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x), want)
+
+
+def test_unload_refuses_tied_weights_and_changes_nothing():
+    model = TiedLM()
+    R.add_randlora(model, ["c_attn", "lm_head"], 2, 4.0)
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="tied"):
+        R.unload(model)
+    assert_same_fingerprint(fingerprint(model), before)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_disable_adapters_computes_the_base_model_and_then_restores_the_adapter(merged):
+    base = MixedBase().requires_grad_(False)       # frozen as patching leaves it: MHA's kernel depends on it
+    model = copy.deepcopy(base)
+    patch_mixed(model, "randlora")
+    set_update_size(model, 0.2)
+    x = torch.randn(2, 5, 8)
+    adapted = model(x)
+    if merged:
+        R.merge(model)
+    with R.disable_adapters(model) as m:
+        assert m is model and not any(p.requires_grad for p in model.parameters())
+        got = model(x)
+    if merged:
+        torch.testing.assert_close(got, base(x), rtol=0, atol=1e-5)            # one unmerge's rounding
+    else:
+        assert torch.equal(got, base(x))                                       # bit for bit
+    assert all(u.merged == merged for u, _ in R.adapters(model).values())
+    assert all(p.requires_grad for u, _ in R.adapters(model).values() for p in R._trainables(u).values())
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+
+
+def test_a_trainable_head_trains_is_saved_and_reloads(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(OrderedDict(body=nn.Linear(8, 8), head=nn.Linear(8, 3)))
+    model = make()
+    R.add_randlora(model, ["body"], r=2, alpha=4.0, trainable=["head"])
+    assert model.head.weight.requires_grad and not model.body.weight.requires_grad
+    head0 = model.head.weight.detach().clone()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert not torch.equal(model.head.weight, head0)
+    R.save_adapter(model, tmp_path / "a.pt")
+    assert {"head.weight", "head.bias"} <= set(torch.load(tmp_path / "a.pt", weights_only=True)["tensors"])
+    fresh = make()
+    R.load_adapter(fresh, tmp_path / "a.pt")                                   # patches from the file
+    assert torch.equal(fresh(x), model(x)) and fresh.head.weight.requires_grad
+    with pytest.raises(ValueError, match="trainable 'nope' matches no module"):
+        R.add_randlora(make(), ["body"], r=2, alpha=4.0, trainable=["nope"])
+    with pytest.raises(ValueError, match="holds an adapted layer"):
+        R.add_randlora(make(), ["body"], r=2, alpha=4.0, trainable=["body"])
+
+
+@pytest.mark.parametrize("method", ["randlora", "lora"])
+def test_load_adapter_into_an_unpatched_model_reproduces_the_trained_outputs(method, tmp_path):
+    model = MixedBase()
+    patch_mixed(model, method)
+    randomise(model)
+    x = torch.randn(2, 5, 8)
+    R.save_adapter(model, tmp_path / "a.pt")
+    fresh = MixedBase()
+    R.load_adapter(fresh, tmp_path / "a.pt")
+    assert R.adapter_config(fresh) == R.adapter_config(model)
+    assert torch.equal(fresh(x), model(x))
+    other = nn.Sequential(nn.Linear(8, 8))                                    # a model it does not fit
+    before = fingerprint(other)
+    with pytest.raises(ValueError):
+        R.load_adapter(other, tmp_path / "a.pt")
+    assert_same_fingerprint(fingerprint(other), before)
+
+
+def test_a_module_target_naming_a_raw_parameter_points_to_target_parameters():
+    with pytest.raises(ValueError, match=r"'in_proj_weight' is a raw parameter: pass target_parameters"):
+        R.add_randlora(MixedBase(), ["in_proj_weight"], r=2, alpha=4.0)
+
+
+def test_unloaded_gpt2_reloads_with_from_pretrained_as_a_plain_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    R.add_randlora(model, ["c_attn", "c_fc"], r=2, alpha=4.0)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    ids = torch.randint(0, 50, (2, 8))
+    for _ in range(3):                                                         # fine-tune a little
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    want = model(ids).logits
+    R.unload(model).save_pretrained(tmp_path)
+    plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert not any("lam" in k or "gam" in k for k in plain.state_dict())
+    torch.testing.assert_close(plain(ids).logits, want)
