@@ -1,53 +1,49 @@
 """RandLoRA: full-rank parameter-efficient fine-tuning, in one file.
 
-A frozen weight W of shape (out, in) is adapted by an update built from frozen random
-low-rank bases that every adapted layer of the model shares; only diagonal scalings train:
+A frozen weight W (out, in) is adapted by an update built from frozen random low-rank bases
+that every adapted layer of the model shares; only diagonal scalings train:
 
-    U      = s * sum_{b=1..n} B_b diag(lam_b) A diag(gam_b)           (paper eq. 4)   (D, k)
-    DeltaW = U      if in <= out                                                    (out, in)
-           = U^T    if in >  out           (gam always sits on the smaller dimension)
+    U      = s * sum_{b=1..n} B_b diag(lam_b) A diag(gam_b)          (paper eq. 4)   (D, k)
+    DeltaW = U if in <= out, else U^T      (gam always sits on the smaller dimension)  (out, in)
     y      = x W^T + bias + x DeltaW^T
 
-Symbols and shapes (letters used in every shape comment below):
+Symbols and shapes (the letters of every shape comment below):
     T          tokens: every leading dimension of x flattened
     k, D       min(in, out), max(in, out)
     r          rank of each random basis;  n = ceil(k / r) bases;  m = n * r >= k
     A          (r, k)       = A_full[:, :k]        one A shared by all n bases of a layer
     B          (n, D, r)    = B_full[:n, :D, :]    B_b = B[b];  Bcat = [B_1 .. B_n]  (D, m)
-    lam        (n, r)       trainable, init 0       the diagonals of Lambda_b
-    gam        (n, k)       trainable, init 1/D     the diagonals of Gamma_b
+    lam, gam   (n, r), (n, k)   trainable: the diagonals of Lambda_b and Gamma_b
     s          alpha / (r * sqrt(n))
-A_full (r, k_max) and B_full (n_max, D_max, r) are generated once per model and every layer
-reads views of them: no layer owns a copy. A layer trains n * (r + k) numbers.
+A_full (r, k_max) and B_full (n_max, D_max, r) are drawn once per model; every layer reads
+views of them. A layer trains n * (r + k) numbers.
 
-Scale and initialisation follow the authors' code [1, app. C.4]: s = alpha / r is further
-divided by sqrt(n), because a sum of n independent random rank-r terms grows like sqrt(n)
-(its norm would otherwise rise with the layer's width); lam starts at 0, so the patched model
-equals the base model, and gam at 1/D. With the paper's alpha = 2r, s = 2 / sqrt(n).
+Scale and initialisation are the authors' [1, app. C.4, and their code]: alpha / r is divided
+by sqrt(n), since a sum of n independent random rank-r terms grows like sqrt(n); lam starts at
+0, so the patched model equals the base model, and gam at 1/D. The paper's alpha = 2r gives
+s = 2 / sqrt(n). LoRA [3] keeps s = alpha / r.
 
-Why the update is full rank. Stack the bases: P = [B_1 diag(lam_1) .. B_n diag(lam_n)] is
-(D, m) and Q = [A diag(gam_1); ..; A diag(gam_n)] is (m, k), so U = s P Q = s Bcat LQ with
-LQ = diag(lam) Q. With m >= k, random bases and generic lam, gam (distinct across b), both
-factors have rank k, and so has U, although each term has rank r. LoRA's s B A (B (out, r),
-A (r, in)) has rank <= r, so by Eckart-Young its error on a target update is at least
-sqrt(sum_{i>r} sigma_i^2) (eq. 8). Two caveats the tests pin down: at init gam_b = 1/D for
-every b, so Q has rank r until training separates them; and a column of a sparse ternary A
-that is all zero (probability (1 - 1/s)^r per column) is a zero column of U.
+Why the update is full rank. U = s Bcat LQ with LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)]
+(m, k). With m >= k, random bases and generic lam, gam (distinct across b), both factors have
+rank k, and so has U, though each term has rank r. LoRA's B A has rank <= r, so by Eckart-Young
+its error on a target update is at least sqrt(sum_{i>r} sigma_i^2) (eq. 8). Two caveats the
+tests pin down: at init all gam_b are equal, so U has rank r until training separates them; and
+a zero column of a sparse ternary A [2] is a zero column of U.
 
-Cost, and the one rule that picks a path. The autograd function saves only x for backward and
-recomputes the rest. A layer either materialises W + DeltaW or keeps the update factored,
-projecting the tokens through the bases. Counting multiply-adds per layer (tr = 1 if in > out):
+Cost, and the rule that picks a path. The autograd function saves only x for backward and
+recomputes the rest. A layer either materialises W + DeltaW or projects the tokens through the
+factors. Multiply-adds per layer (tr = 1 if in > out):
 
     inference   materialised  TDk + Dkm          factored  TDk + TDm + Tkm
     training    materialised  3TDk + 3Dkm        factored  2TDk + (2 + tr) TDm + 3Tkm
 
-so materialising is the cheaper from T >= Dkm / (Dm + km) (inference), and from
+so materialising is the cheaper from T >= Dkm / (Dm + km) (inference) and from
 T >= 3Dkm / ((2 + tr) Dm + 3km - Dk) (training). Both thresholds depend only on the layer's
-shape: they are computed once, when the layer is built, and the forward compares T with one.
+shape: they are computed when the layer is built, and the forward compares T with one.
 
 References
     [1] Albert et al., RandLoRA: Full-rank parameter-efficient fine-tuning of large models,
-        ICLR 2025, arXiv 2502.00987 (sec. 4: eqs. 4 and 8; sec. 6.4 and app. C.4-C.6).
+        ICLR 2025, arXiv 2502.00987 (sec. 4: eqs. 4 and 8; sec. 6.4; app. C.4-C.6).
     [2] Li, Hastie, Church, Very sparse random projections, KDD 2006 (ternary bases).
     [3] Hu et al., LoRA: Low-rank adaptation of large language models, ICLR 2022.
 """
@@ -83,7 +79,7 @@ class AdapterConfig:
     dropout: float = 0.0                 # dropout on the adapter branch's input while training
     target_modules: tuple = ()           # qualified names (or dotted suffixes) of nn.Linear / Conv1D
     target_parameters: tuple = ()        # qualified names (or suffixes) of raw 2-D weight Parameters
-    trainable: tuple = ()                # modules (names or suffixes) left trainable and saved, e.g. a head
+    trainable: tuple = ()                # modules left trainable and saved with the adapter (a head)
 
 
 # ----------------------------------------------------------------------------------------
@@ -106,9 +102,9 @@ def _sample(shape, basis: str, D_max: int, gen: torch.Generator) -> torch.Tensor
 
 
 def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int = 0):
-    """A_full (r, k_max) and B_full (n_max, D_max, r), float32, bit-identical for a seed on
-    any hardware: drawn on the CPU from their own generator (A first, then B). B_full is
-    stored D-major, so that every layer's Bcat (D, m) is a view, not a copy."""
+    """A_full (r, k_max) and B_full (n_max, D_max, r), float32, bit-identical for a seed on any
+    hardware: drawn on the CPU from their own generator (A first, then B). B_full is stored
+    D-major, so that every layer's Bcat (D, m) is a view, not a copy."""
     gen = torch.Generator("cpu").manual_seed(seed)
     A = _sample((r, k_max), basis, D_max, gen)                          # (r, k_max)
     B = _sample((math.ceil(k_max / r), D_max, r), basis, D_max, gen)    # (n_max, D_max, r)
@@ -116,9 +112,8 @@ def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int
 
 
 class SharedBases(nn.Module):
-    """Holds A_full and B_full once per model, as non-persistent buffers, so that `model.to()`
-    converts them once and checkpoints never contain them. Each layer keeps plain views of
-    them; after the buffers move (`.to()`, `.half()`) this module refreshes those views."""
+    """A_full and B_full, once per model, as non-persistent buffers: `model.to()` converts them
+    once and checkpoints never hold them. Layers keep plain views, refreshed here on a move."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, config: AdapterConfig):
         super().__init__()
@@ -134,9 +129,8 @@ class SharedBases(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# The memory-saving autograd functions. Both paths share these helpers; DeltaW is formed by
-# _delta only. H = Bcat^T G_U (m, k), G_U the weight gradient in (D, k) layout, gives lam's and
-# gam's gradients elementwise (_scaling_grads).
+# The memory-saving autograd functions. DeltaW is formed by _delta only. H = Bcat^T G_U (m, k),
+# G_U the weight gradient in (D, k) layout, gives lam's and gam's gradients elementwise.
 
 
 def _lq(lam, gam, A):
@@ -156,7 +150,7 @@ def _delta(Bcat, LQ, s, transposed, base=None):
 
 
 def _scaling_grads(H, A, lam, gam, s):
-    """dL/dlam (n, r) and dL/dgam (n, k) from H = Bcat^T G_U (m, k), U = s Bcat diag(lam) Q:
+    """dL/dlam (n, r) and dL/dgam (n, k) from H = Bcat^T G_U (m, k), U = s Bcat LQ:
     dL/dlam[b, i] = s sum_c H[b r + i, c] A[i, c] gam[b, c], dL/dgam[b, c] = s sum_i (same, lam)."""
     HA = H.reshape(lam.shape[0], lam.shape[1], -1).to(lam.dtype).mul_(s).mul_(A)   # (n, r, k)
     return (HA * gam[:, None, :]).sum(2), (HA * lam[:, :, None]).sum(1)
@@ -166,8 +160,7 @@ class RandLoRAFunction(torch.autograd.Function):
     """y = x W^T + bias + x DeltaW^T. Saves x and references to W, bias, lam, gam, A, Bcat,
     which exist anyway; DeltaW, W + DeltaW, the weight gradient and the (T, m) projections
     are recomputed in backward instead of being kept alive. `weight=None` computes the
-    update branch alone. `materialise` picks the path (module docstring); each path has one
-    fixed backward."""
+    update branch alone. `materialise` picks the path; each path has one fixed backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
@@ -224,19 +217,15 @@ class RandLoRAFunction(torch.autograd.Function):
 class RandLoRAWeightFunction(torch.autograd.Function):
     """W + DeltaW for a raw weight adapted through target_parameters. Saves references to lam,
     gam, A, Bcat only; LQ (m, k), which autograd of delta_weight() would keep for every such
-    weight, is recomputed in backward from the weight gradient G (out, in)."""
+    weight, is recomputed in backward, which needs only the weight gradient G (out, in)."""
 
     @staticmethod
-    def forward(weight, lam, gam, A, Bcat, scale, transposed):
+    def forward(ctx, weight, lam, gam, A, Bcat, scale, transposed):
+        ctx.save_for_backward(lam, gam, A, Bcat)
+        ctx.scale, ctx.transposed = scale, transposed
         dt = torch.promote_types(weight.dtype, torch.float32)           # float32 or wider, rounded once
         LQ = _lq(lam, gam, A).to(dt)                                    # (m, k)
         return _delta(Bcat.to(dt), LQ, scale, transposed, weight.to(dt)).to(weight.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        weight, lam, gam, A, Bcat, scale, transposed = inputs
-        ctx.save_for_backward(lam, gam, A, Bcat)
-        ctx.scale, ctx.transposed = scale, transposed
 
     @staticmethod
     def backward(ctx, G):
@@ -265,13 +254,17 @@ def _param_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)             # fp32 masters for bf16/fp16
 
 
-class _Update(nn.Module):
-    """What RandLoRA and LoRA share. Merging records its state in state_dict: `merged_flag`, and
-    the trainables it merged with (`<name>_merged`), so that unmerge takes out exactly what merge
-    put in even if an optimizer moved them since, and a loaded state says whether its weight is
-    merged. The trainables stay float32 (or wider) masters through model.half() or .bfloat16()."""
+def _trainables(u) -> dict:
+    return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
 
-    def _record_merges(self):
+
+class _Update(nn.Module):
+    """What RandLoRA and LoRA share. A merge is recorded in state_dict (`merged_flag`, and the
+    trainables it merged with, `<name>_merged`), so that unmerge takes out exactly what merge
+    put in even if an optimizer moved them since, and a loaded state says whether its weight is
+    merged. The trainables stay float32 (or wider) masters through model.half()."""
+
+    def _init_state(self):
         self.merged = self.disabled = False
         self.register_buffer("merged_flag", torch.tensor(False))
         for name, p in _trainables(self).items():
@@ -282,14 +275,23 @@ class _Update(nn.Module):
         self.merged = bool(self.merged_flag)
 
     def _apply(self, fn, *args, **kwargs):
-        keep = [k for n in _trainables(self) for k in (n, n + "_merged")]
-        before = {k: getattr(self, k).data for k in keep}
+        keep = {k: getattr(self, k).data for n in _trainables(self) for k in (n, n + "_merged")}
         super()._apply(fn, *args, **kwargs)
-        for k in keep:                                                  # moved, but not narrowed
+        for k, before in keep.items():                                  # moved, but not narrowed
             t = getattr(self, k)
             if t.dtype != _param_dtype(t):
-                t.data = before[k].to(t.device)
+                t.data = before.to(t.device)
         return self
+
+    def _adopt(self, base: nn.Module, dropout: float):
+        """For the *Linear layers: share the base module's frozen weight and bias."""
+        self.weight, self.bias, self.dropout = base.weight, base.bias, nn.Dropout(dropout)
+        object.__setattr__(self, "base_layer", base)                    # not a child: no copies
+
+    def synced_base(self) -> nn.Module:
+        """The module this layer replaced, holding the layer's current weight and bias."""
+        self.base_layer.weight, self.base_layer.bias = self.weight, self.bias
+        return self.base_layer
 
 
 class RandLoRA(_Update):
@@ -300,8 +302,7 @@ class RandLoRA(_Update):
         super().__init__()
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
         self.k, self.D, self.r, self.n = min(in_f, out_f), max(in_f, out_f), r, math.ceil(min(in_f, out_f) / r)
-        self.scale = alpha / (r * math.sqrt(self.n))
-        self.transposed, self.fan_in_fan_out = in_f > out_f, fan_in_fan_out
+        self.scale, self.transposed, self.fan_in_fan_out = alpha / (r * math.sqrt(self.n)), in_f > out_f, fan_in_fan_out
         self.thresholds = path_thresholds(self.D, self.k, self.n * r, self.transposed)
         kw = dict(device=weight.device, dtype=_param_dtype(weight))
         self.lam = nn.Parameter(torch.zeros(self.n, r, **kw))              # (n, r)
@@ -309,20 +310,19 @@ class RandLoRA(_Update):
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
         bases.layers.append(self)
         self.refresh_views()
-        self._record_merges()
+        self._init_state()
 
     def refresh_views(self):
-        """This layer's views A (r, k) and Bcat (D, m) of the shared bases: made once, and again
-        by SharedBases whenever the model moves, so the forward only reads them."""
-        sh = self._shared
-        self.A = sh.A[:, : self.k]                                      # (r, k)
-        self.Bcat = sh.B[: self.n, : self.D].transpose(0, 1).reshape(self.D, -1)  # (D, m), a view
+        """This layer's views A (r, k) and Bcat (D, m) of the shared bases, made here once (and
+        again by SharedBases when the model moves), so that the forward only reads them."""
+        self.A = self._shared.A[:, : self.k]                                           # (r, k)
+        self.Bcat = self._shared.B[: self.n, : self.D].transpose(0, 1).reshape(self.D, -1)  # (D, m), a view
 
     def extra_repr(self):
         return f"k={self.k}, D={self.D}, r={self.r}, n={self.n}, scale={self.scale:g}, merged={self.merged}"
 
     def bases(self):
-        """This layer's views (A (r, k), B (n, D, r)) of the model's shared bases (eq. 4's B_b = B[b])."""
+        """This layer's views (A (r, k), B (n, D, r)) of the model's shared bases (B_b = B[b])."""
         return self.A, self._shared.B[: self.n, : self.D]
 
     def delta_weight(self, at_merge=False) -> torch.Tensor:
@@ -351,7 +351,7 @@ class LoRA(_Update):
         a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)
         self.lora_A = nn.Parameter(a.to(**kw))                         # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))        # (out, r)
-        self._record_merges()
+        self._init_state()
 
     def delta_weight(self, at_merge=False) -> torch.Tensor:
         B, A = (self.lora_B_merged, self.lora_A_merged) if at_merge else (self.lora_B, self.lora_A)
@@ -362,29 +362,16 @@ class LoRA(_Update):
         return W if self.merged or self.disabled else W + self.delta_weight().to(W.dtype)
 
 
-def _adopt_linear(layer: nn.Module, base: nn.Module, dropout: float):
-    layer.weight, layer.bias = base.weight, base.bias                  # the same frozen Parameters
-    layer.dropout = nn.Dropout(dropout)
-    object.__setattr__(layer, "base_layer", base)                      # not a child: see _synced_base
-
-
-def _synced_base(layer: nn.Module) -> nn.Module:
-    """The module a layer replaced, holding the layer's current weight and bias."""
-    layer.base_layer.weight, layer.base_layer.bias = layer.weight, layer.bias
-    return layer.base_layer
-
-
 class RandLoRALinear(RandLoRA):
-    """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the rule of the module
-    docstring), or "materialised" / "factored" to force one."""
+    """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the module docstring's
+    rule), or "materialised" / "factored" to force one."""
 
     def __init__(self, base: nn.Module, bases: SharedBases, r, alpha, dropout=0.0):
         super().__init__(base.weight, bases, r, alpha, fan_in_fan_out=_is_conv1d(base))
-        _adopt_linear(self, base, dropout)
+        self._adopt(base, dropout)
         self.path = "auto"
 
     def chosen_path(self, T: int, grad: bool = True) -> str:
-        """The path forced by `self.path`, or for "auto" the cheaper one at T tokens."""
         if self.path == "auto":
             return "materialised" if T >= self.thresholds[grad] else "factored"
         if self.path not in PATHS:
@@ -407,13 +394,12 @@ class RandLoRALinear(RandLoRA):
 class LoRALinear(LoRA):
     def __init__(self, base: nn.Module, r, alpha, gen, dropout=0.0):
         super().__init__(base.weight, r, alpha, gen, fan_in_fan_out=_is_conv1d(base))
-        _adopt_linear(self, base, dropout)
+        self._adopt(base, dropout)
 
     def forward(self, x):
         if self.disabled:
             return self.base_layer(x)
-        W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
-        y = F.linear(x, W, self.bias)                                  # (..., out)
+        y = F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)   # (..., out)
         if self.merged:
             return y
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))        # (..., r)
@@ -427,8 +413,7 @@ class LoRALinear(LoRA):
 
 
 def _is_conv1d(m: nn.Module) -> bool:
-    """Hugging Face's Conv1D (weight stored (in, out)), recognised without importing it."""
-    return type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+    return type(m).__name__ == "Conv1D"                                 # Hugging Face's: weight (in, out)
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -445,58 +430,6 @@ def _as_names(value, what: str) -> tuple:
 def _require_module(model):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _unpatchable(name, m, parents) -> str | None:
-    """Why replacing module `m` would give a wrong model, with the fix; None if it would not."""
-    fix = f"adapt its weight instead: target_parameters=[{name + '.weight'!r}]"
-    reader = next((p for p in parents if isinstance(p, (nn.MultiheadAttention, nn.TransformerEncoderLayer))), None)
-    if reader is not None:
-        return f"its parent {type(reader).__name__} reads its weight directly (a fused path), so a patched module would never be called; {fix}"
-    if not isinstance(m.weight, nn.Parameter):
-        return "its weight is computed (weight norm or another parametrization or hook); remove that first"
-    if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
-        return f"{type(m).__name__} has its own forward, which the patched layer would replace; {fix}"
-    if not isinstance(m, nn.Linear) and getattr(m, "nf", None) != m.weight.shape[-1]:
-        return f"it is named Conv1D but is not Hugging Face's (weight (in, out), nf = out); {fix}"
-    return None
-
-
-def _find_targets(model, target_modules, target_parameters):
-    """[(name, kind, module, weight)], modules then parameters, each in model order. A module
-    reachable under several names is one target. Validates everything, changes nothing."""
-    _require_module(model)
-    mods, params = _as_names(target_modules, "target_modules"), _as_names(target_parameters, "target_parameters")
-    if not mods and not params:
-        raise ValueError("nothing to adapt: pass target_modules (e.g. ['attn.qkv']) or target_parameters")
-    if any(isinstance(m, (_Update, SharedBases)) for m in model.modules()):
-        raise ValueError("this model is already patched; patch a fresh copy of the base model instead")
-    every = list(model.named_modules(remove_duplicate=False))
-    linear = {n: m for n, m in every if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
-    raw = {n: p for n, p in model.named_parameters() if p.dim() == 2}
-    for pats, pool, kind in ((mods, linear, "module"), (params, raw, "parameter")):
-        for pat in pats:
-            if not any(_matches(n, pat) for n in pool):
-                hint = (f"; {pat!r} is a raw parameter: pass target_parameters=[{pat!r}]"
-                        if kind == "module" and any(_matches(n, pat) for n in raw) else "")
-                raise ValueError(f"target {pat!r} matches no {kind} of the model{hint}; candidates: "
-                                 + (", ".join(list(pool)[:30]) or "none"))
-    targets, seen = [], set()
-    for name, m in linear.items():
-        if any(_matches(name, p) for p in mods) and m not in seen:
-            seen.add(m)
-            parents = [model.get_submodule(n.rpartition(".")[0]) for n, x in every if x is m]
-            why = _unpatchable(name, m, parents)
-            if why:
-                raise ValueError(f"cannot patch {name!r}: {why}")
-            targets.append((next(n for n, x in every if x is m), "module", m, m.weight))
-    for name, p in raw.items():
-        if any(_matches(name, pat) for pat in params):
-            owner_name = name.rpartition(".")[0]
-            if owner_name in linear and linear[owner_name] in seen:
-                raise ValueError(f"{name!r} belongs to the adapted layer {owner_name!r}; target one or the other")
-            targets.append((name, "parameter", model.get_submodule(owner_name), p))
-    return targets
 
 
 def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
@@ -516,6 +449,66 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
         raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
 
 
+def _unpatchable(m: nn.Module, parents: list) -> str | None:
+    """Why a layer in m's place would compute something else than m; None if it would not."""
+    reader = next((p for p in parents if isinstance(p, (nn.MultiheadAttention, nn.TransformerEncoderLayer))), None)
+    if reader is not None:
+        return f"its parent {type(reader).__name__} reads its weight directly (a fused path), so a patched module would never be called"
+    if not isinstance(m.weight, nn.Parameter):
+        return "its weight is computed (weight norm or another parametrization or hook); remove that first"
+    if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
+        return f"{type(m).__name__} has its own forward, which the patched layer would replace"
+    if not isinstance(m, nn.Linear) and getattr(m, "nf", None) != m.weight.shape[-1]:
+        return "it is named Conv1D but is not Hugging Face's (weight (in, out), nf = out)"
+    return None
+
+
+def _find_targets(model, target_modules, target_parameters) -> list:
+    """[(name, kind, module, weight)]: modules, then raw parameters, each in model order; a module
+    with several names is one target (under its first name). Validates, changes nothing."""
+    _require_module(model)
+    mods, params = _as_names(target_modules, "target_modules"), _as_names(target_parameters, "target_parameters")
+    if not mods and not params:
+        raise ValueError("nothing to adapt: pass target_modules (e.g. ['attn.qkv']) or target_parameters")
+    if any(isinstance(m, (_Update, SharedBases)) for m in model.modules()):
+        raise ValueError("this model is already patched; patch a fresh copy of the base model instead")
+    every = list(model.named_modules(remove_duplicate=False))
+    linear = {n: m for n, m in every if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    raw = {n: p for n, p in model.named_parameters() if p.dim() == 2}
+    for pats, pool, kind in ((mods, linear, "module"), (params, raw, "parameter")):
+        for pat in [p for p in pats if not any(_matches(n, p) for n in pool)]:
+            hint = f"; {pat!r} is a raw parameter: pass target_parameters=[{pat!r}]" if pat in mods and any(
+                _matches(n, pat) for n in raw) else ""
+            raise ValueError(f"target {pat!r} matches no {kind} of the model{hint}; candidates: "
+                             + (", ".join(list(pool)[:30]) or "none"))
+    targets = []
+    for name, m in linear.items():
+        aliases = [n for n, x in every if x is m]
+        if name == aliases[0] and any(_matches(a, p) for a in aliases for p in mods):
+            why = _unpatchable(m, [model.get_submodule(a.rpartition(".")[0]) for a in aliases])
+            if why:
+                raise ValueError(f"cannot patch {name!r}: {why}; or adapt its weight through "
+                                 f"target_parameters=[{name + '.weight'!r}]")
+            targets.append((name, "module", m, m.weight))
+    for name, p in raw.items():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if any(_matches(name, pat) for pat in params):
+            if any(t[2] is owner for t in targets):
+                raise ValueError(f"{name!r} belongs to an adapted layer; target the layer or its weight, not both")
+            targets.append((name, "parameter", owner, p))
+    return targets
+
+
+def _extra_trainables(model, patterns, targets=()) -> dict:
+    """{qualified name: Parameter} of the modules named in `trainable`; validates."""
+    hits = [n for n, _ in model.named_modules() if n and any(_matches(n, p) for p in patterns)]
+    for pat in [p for p in patterns if not any(_matches(n, p) for n in hits)]:
+        raise ValueError(f"trainable {pat!r} matches no module of the model")
+    for n in [n for n in hits if any(t[0] == n or t[0].startswith(n + ".") for t in targets)]:
+        raise ValueError(f"trainable {n!r} holds an adapted layer; name a module beside the targets (e.g. a head)")
+    return {k: p for n in hits for k, p in model.get_submodule(n).named_parameters(prefix=n)}
+
+
 def _replace(model, old: nn.Module, new: nn.Module):
     """Put `new` under every name that `old` has in the model."""
     for name in [n for n, x in model.named_modules(remove_duplicate=False) if x is old]:
@@ -523,25 +516,12 @@ def _replace(model, old: nn.Module, new: nn.Module):
         setattr(model.get_submodule(owner), attr, new)
 
 
-def _extra_trainables(model, patterns, targets=()) -> dict:
-    """{qualified name: Parameter} of the modules named in `trainable`; validates."""
-    hits = [n for n, _ in model.named_modules() if n and any(_matches(n, p) for p in patterns)]
-    for pat in patterns:
-        if not any(_matches(n, pat) for n in hits):
-            raise ValueError(f"trainable {pat!r} matches no module of the model")
-    for n in hits:
-        if any(t[0] == n or t[0].startswith(n + ".") for t in targets):
-            raise ValueError(f"trainable {n!r} holds an adapted layer; name a module beside the targets (e.g. a head)")
-    return {k: p for n in hits for k, p in model.get_submodule(n).named_parameters(prefix=n)}
-
-
-def _patch(model, config: AdapterConfig):
+def _patch(model, c: AdapterConfig) -> list:
     """Validate everything, then freeze the model and install an adapter on every target."""
-    c = config
     _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if c.method == "randlora" else "uniform")
     targets = _find_targets(model, c.target_modules, c.target_parameters)
-    extra = _extra_trainables(model, _as_names(c.trainable, "trainable"), targets).values()
-    for name, kind, mod, w in targets:
+    extra = _extra_trainables(model, _as_names(c.trainable, "trainable"), targets)
+    for name, _, _, w in targets:
         if not w.is_floating_point():
             raise TypeError(f"{name!r} has dtype {w.dtype}; only floating-point weights can be adapted "
                             "(dequantise the model first)")
@@ -553,32 +533,26 @@ def _patch(model, config: AdapterConfig):
     if c.method == "randlora":
         A, B = make_bases(c.r, max(min(t[3].shape) for t in targets), max(max(t[3].shape) for t in targets),
                           c.basis, c.seed)
-        for name, _, _, w in targets:
-            if not A[:, : min(w.shape)].any():
-                raise ValueError(f"the {c.basis} bases of seed {c.seed} have A = 0 on the {min(w.shape)} columns "
-                                 f"of {name!r}, so its update would stay zero; raise r, or change seed or basis")
+        for name, _, _, w in [t for t in targets if not A[:, : min(t[3].shape)].any()]:
+            raise ValueError(f"the {c.basis} bases of seed {c.seed} have A = 0 on the {min(w.shape)} columns "
+                             f"of {name!r}, so its update would stay zero; raise r, or change seed or basis")
         dts = {t[3].dtype for t in targets}                            # one dtype, or the float32 draws
-        dt = dts.pop() if len(dts) == 1 else torch.float32
-        shared = SharedBases(A.to(targets[0][3].device, dt), B.to(targets[0][3].device, dt), c)
-        linear = lambda mod: RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout)
-        update = lambda w: RandLoRA(w, shared, c.r, c.alpha)
+        dt, dev = dts.pop() if len(dts) == 1 else torch.float32, targets[0][3].device
+        shared = SharedBases(A.to(dev, dt), B.to(dev, dt), c)
     else:
         shared = SharedBases(torch.empty(0), torch.empty(0), c)        # the config record only
         gen = torch.Generator("cpu").manual_seed(c.seed)
-        linear = lambda mod: LoRALinear(mod, c.r, c.alpha, gen, c.dropout)
-        update = lambda w: LoRA(w, c.r, c.alpha, gen)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in extra:
+    model.requires_grad_(False)
+    for p in extra.values():
         p.requires_grad_(True)
     for i, (name, kind, mod, w) in enumerate(targets):
-        owner, _, attr = name.rpartition(".")
+        rand = c.method == "randlora"
         if kind == "module":
-            layer = linear(mod)
+            layer = RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout) if rand else LoRALinear(mod, c.r, c.alpha, gen, c.dropout)
             _replace(model, mod, layer)
         else:
-            layer = update(w)
-            parametrize.register_parametrization(mod, attr, layer)
+            layer = RandLoRA(w, shared, c.r, c.alpha) if rand else LoRA(w, c.r, c.alpha, gen)
+            parametrize.register_parametrization(mod, name.rpartition(".")[2], layer)
         if i == 0:
             layer.shared_bases = shared                                # registered once, here
     return [t[0] for t in targets]
@@ -590,19 +564,18 @@ def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", 
     `target_modules` (exactly, or as a dotted suffix: "attn.qkv" matches "blocks.0.attn.qkv")
     becomes a RandLoRALinear, every 2-D Parameter matching `target_parameters` (e.g.
     "in_proj_weight" of nn.MultiheadAttention) gets a RandLoRA parametrization, and every other
-    parameter is frozen but those of the modules named in `trainable` (e.g. a new head), which
-    adapter checkpoints then carry too. Returns the adapted names. On bad input raises and
-    changes nothing."""
-    config = AdapterConfig("randlora", r, alpha, basis, seed, dropout, _as_names(target_modules, "target_modules"),
-                           _as_names(target_parameters, "target_parameters"), _as_names(trainable, "trainable"))
-    return _patch(model, config)
+    parameter is frozen, but those of the modules named in `trainable` (e.g. a new head), which
+    adapter checkpoints carry too. Returns the adapted names. On bad input raises, changes nothing."""
+    names = [_as_names(v, w) for v, w in ((target_modules, "target_modules"),
+                                            (target_parameters, "target_parameters"), (trainable, "trainable"))]
+    return _patch(model, AdapterConfig("randlora", r, alpha, basis, seed, dropout, *names))
 
 
 def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=(), trainable=()) -> list:
     """The LoRA baseline with the same targeting, freezing and errors as add_randlora."""
-    config = AdapterConfig("lora", r, alpha, "none", seed, dropout, _as_names(target_modules, "target_modules"),
-                           _as_names(target_parameters, "target_parameters"), _as_names(trainable, "trainable"))
-    return _patch(model, config)
+    names = [_as_names(v, w) for v, w in ((target_modules, "target_modules"),
+                                            (target_parameters, "target_parameters"), (trainable, "trainable"))]
+    return _patch(model, AdapterConfig("lora", r, alpha, "none", seed, dropout, *names))
 
 
 def adapters(model) -> dict:
@@ -614,9 +587,8 @@ def adapters(model) -> dict:
             out[name] = (m, m.weight)
         elif parametrize.is_parametrized(m):
             for pname, plist in m.parametrizations.items():
-                for u in plist:
-                    if isinstance(u, (RandLoRA, LoRA)):
-                        out[f"{name}.{pname}" if name else pname] = (u, plist.original)
+                for u in [u for u in plist if isinstance(u, _Update)]:
+                    out[f"{name}.{pname}" if name else pname] = (u, plist.original)
     return out
 
 
@@ -646,40 +618,33 @@ def trainable_parameters(model) -> int:
 # Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once.
 
 
-def _shifted(u, w, merge: bool):
-    """W + DeltaW (merge), or W - the DeltaW of the last merge (unmerge), in float32 or wider."""
+def _shifted(u, w, merge: bool) -> torch.Tensor:
+    """W + DeltaW (merge), or W - the DeltaW of the last merge (unmerge)."""
     dt = torch.promote_types(w.dtype, torch.float32)
     dw = u.delta_weight(at_merge=not merge).to(dt)
     return (w.to(dt) + dw if merge else w.to(dt) - dw).to(w.dtype)
 
 
-def _tied(model) -> dict:
-    """{storage: [qualified names]} of every parameter and buffer, each module counted once."""
-    out = {}
+@torch.no_grad()
+def _set_merged(model, merged: bool) -> int:
+    todo = {name: (u, w) for name, (u, w) in adapters(model).items() if u.merged != merged}
+    holders = {}                                                        # storage -> names, each module once
     for mname, mod in model.named_modules():
         for pname, t in [*mod._parameters.items(), *mod._buffers.items()]:
             if t is not None and t.numel():
-                out.setdefault(t.untyped_storage().data_ptr(), []).append(f"{mname}.{pname}".lstrip("."))
-    return out
-
-
-@torch.no_grad()
-def _set_merged(model, merged: bool):
-    todo = {name: (u, w) for name, (u, w) in adapters(model).items() if u.merged != merged}
-    holders = _tied(model)
+                holders.setdefault(t.untyped_storage().data_ptr(), []).append(f"{mname}.{pname}".lstrip("."))
     for name, (u, w) in todo.items():                                  # check everything first
-        names = holders[w.untyped_storage().data_ptr()]
-        if len(names) > 1:
-            raise ValueError(f"{names[0]} and {names[1]} are one tied tensor; merging {name!r} would change both. "
+        tied = holders[w.untyped_storage().data_ptr()]
+        if len(tied) > 1:
+            raise ValueError(f"{tied[0]} and {tied[1]} are one tied tensor; merging {name!r} would change both. "
                              f"Untie them first (assign a clone), or leave {name!r} out of the targets; "
                              "unmerged, training and inference are correct")
         if not torch.isfinite(_shifted(u, w, merged)).all():
             raise ValueError(f"{'merging' if merged else 'unmerging'} {name!r} would give non-finite "
                              "weights; nothing was changed (check lam/gam and the weight's dtype range)")
     for u, w in todo.values():
-        if merged:                                                     # record what goes in
-            for key, p in _trainables(u).items():
-                getattr(u, key + "_merged").copy_(p)
+        for key, p in _trainables(u).items() if merged else ():       # record what goes in
+            getattr(u, key + "_merged").copy_(p)
         w.copy_(_shifted(u, w, merged))
         u.merged = merged
         u.merged_flag.fill_(merged)
@@ -688,24 +653,24 @@ def _set_merged(model, merged: bool):
 
 def merge(model) -> int:
     """Fold every DeltaW into its base weight; layers then run at the base model's speed.
-    Idempotent; returns how many layers changed."""
+    Idempotent; returns how many layers changed. Refuses tied weights, changing nothing."""
     return _set_merged(model, True)
 
 
 def unmerge(model) -> int:
-    """Take every DeltaW out again (exact up to rounding in the weight's dtype)."""
+    """Take out of every weight the DeltaW its merge put in (exact up to the dtype's rounding)."""
     return _set_merged(model, False)
 
 
 def unload(model) -> nn.Module:
     """Merge, then give the plain model back: every patched layer becomes its original module
-    again (nn.Linear, Conv1D; a raw weight loses its parametrization), the bases go, and
+    (nn.Linear, Conv1D; a raw weight loses its parametrization), the bases go, and
     model.state_dict() has exactly the base model's keys. Parameters stay frozen. Refuses,
     changing nothing, where merging would be wrong (tied weights)."""
     merge(model)
     for name, (u, w) in adapters(model).items():
         if isinstance(u, (RandLoRALinear, LoRALinear)):
-            _replace(model, u, _synced_base(u))
+            _replace(model, u, u.synced_base())
         else:                                                           # keeps W + DeltaW
             owner, _, attr = name.rpartition(".")
             parametrize.remove_parametrizations(model.get_submodule(owner), attr)
@@ -715,44 +680,38 @@ def unload(model) -> nn.Module:
 @contextlib.contextmanager
 def disable_adapters(model):
     """Inside: the base model's function (bit for bit if unmerged, within one unmerge's rounding
-    if merged), lam and gam (LoRA's factors) not requiring grad. After: everything as before."""
+    if merged), with lam and gam (LoRA's factors) not requiring grad. After: all as before."""
     ups = [u for u, _ in adapters(model).values()]
-    merged, params = any(u.merged for u in ups), [p for u in ups for p in _trainables(u).values()]
-    wanted = [p.requires_grad for p in params]
+    merged, grads = any(u.merged for u in ups), {p: p.requires_grad for u in ups for p in _trainables(u).values()}
     unmerge(model)
     try:
         for u in ups:
             u.disabled = True
-            if hasattr(u, "base_layer"):                                # a layer runs its original
-                _synced_base(u)
-        for p in params:
+            if isinstance(u, (RandLoRALinear, LoRALinear)):             # it runs its original module
+                u.synced_base()
+        for p in grads:
             p.requires_grad_(False)
         yield model
     finally:
         for u in ups:
             u.disabled = False
-        for p, want in zip(params, wanted):
-            p.requires_grad_(want)
+        for p, wanted in grads.items():
+            p.requires_grad_(wanted)
         if merged:
             merge(model)
 
 
 # ----------------------------------------------------------------------------------------
-# Adapter checkpoints: the trainable scalings and the config, never the bases.
-
-
-def _trainables(u):
-    return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
+# Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases.
 
 
 def _saved(model) -> dict:
-    """{checkpoint key: Parameter}: every adapter's trainables, then the `trainable` modules' parameters."""
+    """{checkpoint key: Parameter}: every adapter's trainables, then the `trainable` modules' ones."""
     out = {f"{n}.{k}": p for n, (u, _) in adapters(model).items() for k, p in _trainables(u).items()}
     return {**out, **_extra_trainables(model, adapter_config(model).trainable)}
 
 
 def _out_in(model) -> dict:
-    """{adapted name: [out, in]} of each base weight, whatever layout it is stored in."""
     return {name: list(w.shape[::-1] if u.fan_in_fan_out else w.shape) for name, (u, w) in adapters(model).items()}
 
 
@@ -767,16 +726,16 @@ def _is_plain(d) -> bool:
 
 def adapter_state_dict(model) -> dict:
     """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r),
-    "<name>.gam": (n, k), ..}}. Plain types and tensors only, so torch.load(..., weights_only=True) reads it."""
-    config = asdict(adapter_config(model))
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    "<name>.gam": (n, k), ..}}: plain types and tensors, which torch.load(weights_only=True) reads."""
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(adapter_config(model)).items()}
     tensors = {key: p.detach().cpu().clone() for key, p in _saved(model).items()}
     return {"format_version": FORMAT_VERSION, "config": config, "shapes": _out_in(model), "tensors": tensors}
 
 
-def _checked(model, state) -> dict:
-    """{key: the Parameter it fills} once every entry fits the model: shapes before any data is read, and
-    errors name the model's values, never the checkpoint's objects (whose repr can cost anything)."""
+def load_adapter_state_dict(model, state, check=None) -> None:
+    """Load into a model patched with the same config and layer shapes. Every entry is checked
+    before any is copied, shapes before values, and errors name the model's values, never the
+    checkpoint's objects (whose repr can cost anything)."""
     if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
         raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
     version = state["format_version"]
@@ -789,18 +748,17 @@ def _checked(model, state) -> dict:
     have, saved, tensors = asdict(adapter_config(model)), state["config"], state["tensors"]
     if not _is_plain(saved) or not isinstance(tensors, dict):
         raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
-    for key in ("method", "r", "alpha", "basis", "seed"):
-        if saved.get(key) != have[key]:
-            raise ValueError(f"checkpoint {key} differs from the model's {key}={have[key]!r}; "
-                             "patch a fresh model with the checkpoint's config")
+    for key in [k for k in ("method", "r", "alpha", "basis", "seed") if saved.get(k) != have[k]]:
+        raise ValueError(f"checkpoint {key} differs from the model's {key}={have[key]!r}; "
+                         "patch a fresh model with the checkpoint's config")
     expected = _saved(model)
     missing = [k for k in expected if k not in tensors]
     extra = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in tensors if k not in expected)
     if missing or extra:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
-    shapes, got = _out_in(model), (state.get("shapes") if _is_plain(state.get("shapes")) else {})
-    wrong = [f"{n} {tuple(s)}" for n, s in shapes.items() if got.get(n) != s]
-    if wrong or got != shapes:
+    shapes, got = _out_in(model), state.get("shapes")
+    if not _is_plain(got) or got != shapes:
+        wrong = [f"{n} {tuple(s)}" for n, s in shapes.items() if not _is_plain(got) or got.get(n) != s]
         raise ValueError(f"checkpoint was saved from layers of other (out, in) shapes than this model's "
                          f"{wrong[:5]}; load it into a model with the layer shapes it was trained with")
     for key, p in expected.items():
@@ -813,29 +771,25 @@ def _checked(model, state) -> dict:
                              f"the model expects {tuple(p.shape)}")
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
-    return expected
-
-
-def load_adapter_state_dict(model, state) -> None:
-    """Load into a model patched with the same config and layer shapes; validates everything before copying."""
+    if check is not None and not check():                              # load_adapter's sha256
+        raise ValueError("adapter checkpoint fails its sha256 check: it changed after save_adapter wrote it")
     with torch.no_grad():
-        for key, p in _checked(model, state).items():
-            p.copy_(state["tensors"][key])
+        for key, p in expected.items():
+            p.copy_(tensors[key])
 
 
 def _digest(state) -> str:
-    """sha256 of config, shapes and each tensor's name, dtype, shape and bytes; safe once _checked."""
+    """sha256 of config, shapes and each tensor's name, dtype, shape and bytes (once validated)."""
     h = hashlib.sha256(repr([sorted(state[k].items()) for k in ("config", "shapes")]).encode())
     for key in sorted(state["tensors"]):
         t = state["tensors"][key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 def save_adapter(model, path) -> None:
-    """torch.save of adapter_state_dict plus its sha256: torch.load does not check the zip
-    CRCs of tensor records, so a flipped bit in lam or gam would otherwise load silently."""
+    """torch.save of adapter_state_dict and its sha256: torch.load checks no CRC of the zip's
+    records, so a flipped bit in lam or gam would otherwise load silently."""
     state = adapter_state_dict(model)
     torch.save({**state, "sha256": _digest(state)}, path)
 
@@ -849,39 +803,34 @@ def _config_of(state) -> AdapterConfig:
 
 
 def load_adapter(model, path) -> None:
-    """Read with weights_only=True (no arbitrary unpickling) once the file and its zip records, unpacked,
-    fit in what this model's adapter can need (8 bytes an entry, plus 1 MiB; a model without adapters:
-    16 bytes per model parameter) and none is compressed (torch.save stores them). A model without
-    adapters is first patched from the checkpoint's config (and unpatched again if loading fails).
-    A damaged or hostile file is a ValueError, or a TypeError naming the entry."""
+    """torch.load(weights_only=True) (no arbitrary unpickling) of a file that fits what this
+    model's adapter can need (8 bytes an entry, or 16 per model parameter for a model without
+    adapters, plus 1 MiB), with zip records stored as torch.save writes them
+    and sha256 intact. A model without adapters is first patched from the file's config, and unpatched again if loading
+    fails. A damaged or hostile file is a ValueError, or a TypeError naming the entry."""
     _require_module(model)
     patched = any(isinstance(m, SharedBases) for m in model.modules())
-    limit = 8 * sum(p.numel() for p in _saved(model).values()) if patched else \
-        16 * sum(p.numel() for p in model.parameters())
-    limit += 2**20
+    limit = 8 * sum(p.numel() for p in (_saved(model).values() if patched else model.parameters())) * (
+        1 if patched else 2) + 2**20
     try:
-        big = os.path.getsize(path) > limit                            # before its zip directory is read
-        records = [] if big else zipfile.ZipFile(path).infolist()
-        stored = all(r.compress_type == zipfile.ZIP_STORED for r in records)
-        if big or not stored or sum(r.file_size for r in records) > limit:
-            raise ValueError(f"the file or its records unpacked exceed the {limit} bytes this model's adapter "
-                             "can need, or a record is compressed")
+        if os.path.getsize(path) > limit:                               # before its zip directory is read
+            raise ValueError(f"the file is larger than the {limit} bytes this model's adapter can need")
+        with zipfile.ZipFile(path) as z:
+            records = z.infolist()
+            if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > limit:
+                raise ValueError(f"its records are compressed or unpack to more than {limit} bytes")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:                                             # truncated, tampered, not torch
         raise ValueError(f"could not read adapter checkpoint {str(path)!r}: the file is damaged or not "
                          f"written by save_adapter ({type(e).__name__}: {str(e)[:200]})") from None
-    digest = state.pop("sha256", None) if isinstance(state, dict) else None
-    grads = {p: p.requires_grad for p in model.parameters()}
+    digest, grads = state.pop("sha256", None) if isinstance(state, dict) else None, {
+        p: p.requires_grad for p in model.parameters()}
     try:
         if not patched:
             _patch(model, _config_of(state))
-        _checked(model, state)                                         # every entry before its bytes
-        if digest is not None and _digest(state) != digest:
-            raise ValueError(f"adapter checkpoint {str(path)!r} fails its sha256 check: the file was "
-                             "changed or damaged after save_adapter wrote it")
-        load_adapter_state_dict(model, state)
+        load_adapter_state_dict(model, state, check=lambda: digest is None or _digest(state) == digest)
     except BaseException as e:
         if not patched and adapters(model):                            # patched here: undo it
             unload(model)

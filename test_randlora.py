@@ -1889,7 +1889,7 @@ def test_compressed_or_oversized_checkpoint_is_refused_before_unpickling(tmp_pat
     for how in (dict(compression=8), dict(extra_record=bytes(2 * 2**20))):
         R.save_adapter(patched_mlp(seed=1), path)
         rewrite_checkpoint(path, **how)
-        with pytest.raises(ValueError, match="exceed the .* bytes this model's adapter can need, or a record is comp"):
+        with pytest.raises(ValueError, match="larger than the .* bytes this model's adapter can need|compressed or unpack to more than"):
             R.load_adapter(model, path)
     assert_same_fingerprint(fingerprint(model), before)
     R.save_adapter(patched_mlp(seed=1), path)
