@@ -48,6 +48,12 @@ on a CPU the bytes autograd saved for backward in one training step
 (torch.autograd.graph.saved_tensors_hooks; parameters, buffers and views of them not counted), the
 quantity the paper's memory-saving autograd function reduces.
 
+Checkpoint. `--save-adapter FILE` writes one file per adapter method, randlora.save_adapter of the
+whole classifier: its adapters' lam and gam (LoRA's A and B), DINOv2's trained head (patched with
+`trainable=["head"]`, so it trains and is saved beside them), and the config; no bases, no frozen
+weights. load_finetuned rebuilds the classifier from it with randlora.load_adapter. none and full
+write nothing: their trained weights are the head or the whole backbone, not an adapter.
+
 Data: the official python-version CIFAR tarballs, downloaded with urllib, checked against their
 published MD5 before anything is unpickled (and then only numpy arrays and plain types are
 accepted), unpacked under `--data-dir`; a `--data-dir` that already holds the unpacked folder
@@ -411,7 +417,7 @@ class ZeroShotHead(nn.Module):
 
 class Classifier(nn.Module):
     """uint8 CIFAR images -> class scores: resize and normalise in torch, backbone, head.
-    Adapters go on `backbone` only, so patching never touches the head."""
+    adapt() patches the whole classifier; its targets name backbone layers only."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, spec: ModelSpec, image_size: int):
         super().__init__()
@@ -460,17 +466,21 @@ def make_classifier(loaded: nn.Module, args, classes) -> Classifier:
 
 
 def adapt(model: Classifier, method: str, args) -> int | None:
-    """Patch model.backbone for `method`; returns the adapter's r (None for none and full)."""
+    """Patch the classifier for `method`: adapters on the backbone's targets (dotted suffixes, so
+    "mlp.fc1" matches "backbone.blocks.0.mlp.fc1"), and a head with parameters (DINOv2's linear
+    layer) kept trainable through `trainable=`, so that randlora.save_adapter(model) writes it into
+    the adapter checkpoint. Returns the adapter's r (None for none and full, which patch nothing)."""
     spec = MODELS[args.model]
     targets = dict(target_modules=spec.target_modules, target_parameters=spec.target_parameters)
+    head = ["head"] if any(p.requires_grad for p in model.head.parameters()) else []   # CLIP's: buffers only
     try:
         if method == "lora":
-            randlora.add_lora(model.backbone, r=args.lora_rank, alpha=ALPHA_PER_RANK * args.lora_rank,
-                              seed=args.seed, **targets)
+            randlora.add_lora(model, r=args.lora_rank, alpha=ALPHA_PER_RANK * args.lora_rank,
+                              seed=args.seed, trainable=head, **targets)
             return args.lora_rank
         if method == "randlora":
             r = randlora.rank_for_budget(model.backbone, lora_rank=args.lora_rank, **targets)
-            randlora.add_randlora(model.backbone, r=r, alpha=ALPHA_PER_RANK * r, seed=args.seed, **targets)
+            randlora.add_randlora(model, r=r, alpha=ALPHA_PER_RANK * r, seed=args.seed, trainable=head, **targets)
             return r
     except ValueError as e:
         raise DemoError(f"cannot add {method} to {spec.title}: {e}") from None
@@ -642,12 +652,7 @@ def evaluate(model: nn.Module, images, labels, args, log=_log, label: str = "") 
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints: randlora.save_adapter for the backbone, plus DINOv2's trained head beside it
-
-
-def head_path(path: str) -> str:
-    root, ext = os.path.splitext(path)
-    return f"{root}.head{ext or '.pt'}"
+# Checkpoints: one randlora.save_adapter file per adapter method, DINOv2's trained head included
 
 
 def adapter_path(path: str, method: str, args) -> str:
@@ -658,35 +663,16 @@ def adapter_path(path: str, method: str, args) -> str:
     return f"{root}.{method}{ext or '.pt'}"
 
 
-def save_finetuned(model: Classifier, path: str) -> list:
-    """The adapter checkpoint (lam and gam or LoRA's A and B, plus the config; no bases) and, when the
-    head trained, its state dict at head_path(path). Returns the files written."""
-    randlora.save_adapter(model.backbone, path)
-    if not any(p.requires_grad for p in model.head.parameters()):
-        return [path]
-    torch.save(model.head.state_dict(), head_path(path))
-    return [path, head_path(path)]
-
-
 def load_finetuned(args, path: str, classes) -> Classifier:
-    """Rebuild the fine-tuned classifier from load_backbone(args) and a save_finetuned checkpoint:
-    patch with the checkpoint's config, load, merge. Ready for evaluate()."""
+    """Rebuild the fine-tuned classifier from load_backbone(args) and a --save-adapter checkpoint:
+    randlora.load_adapter patches the fresh classifier from the file's config and loads the adapters
+    (and DINOv2's head); then merge. Ready for evaluate()."""
+    model = make_classifier(load_backbone(args), args, classes)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = state["config"]
-        model = make_classifier(load_backbone(args), args, classes)
-        add = randlora.add_randlora if cfg["method"] == "randlora" else randlora.add_lora
-        extra = dict(basis=cfg["basis"]) if cfg["method"] == "randlora" else {}
-        add(model.backbone, cfg["target_modules"], r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"],
-            seed=cfg["seed"], target_parameters=cfg["target_parameters"], **extra)
-        randlora.load_adapter_state_dict(model.backbone, state)
-        if any(p.requires_grad for p in model.head.parameters()):
-            model.head.load_state_dict(torch.load(head_path(path), map_location="cpu", weights_only=True))
-    except DemoError:
-        raise
-    except Exception as e:                                         # missing, damaged or mismatched files
+        randlora.load_adapter(model, path)
+    except (OSError, ValueError, TypeError) as e:                 # missing, damaged or mismatched file
         raise DemoError(f"could not load the checkpoint {path} ({type(e).__name__}: {e})") from None
-    randlora.merge(model.backbone)
+    randlora.merge(model)
     return model.to(args.device).eval()
 
 
@@ -729,8 +715,10 @@ def run(args, log=_log) -> list:
         accuracy, preds = evaluate(model, test_x, test_y, args, log, label)
         if args.compile:
             log(f"{label}: evaluation compiled {compiled_graphs(args) - graphs} graph(s) (merged weights, no_grad)")
-        files = (save_finetuned(model, adapter_path(args.save_adapter, method, args))
-                 if args.save_adapter and method in ADAPTER_METHODS else [])
+        files = []
+        if args.save_adapter and method in ADAPTER_METHODS:
+            files.append(adapter_path(args.save_adapter, method, args))
+            randlora.save_adapter(model, files[0])                 # the adapters and the trained head
         rows.append(dict(method=method, r=r, trainable=randlora.trainable_parameters(model), accuracy=accuracy,
                          **stats, changes=changes, predictions=preds, files=files))
         log(f"{label}: test accuracy {accuracy:.2%}")
@@ -841,8 +829,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hub-dir", metavar="DIR", help="load dinov2_vits14 from this local copy of the DINOv2 hub "
                    "repository (torch.hub source='local') instead of GitHub")
     p.add_argument("--random-init", action="store_true", help="the same architecture without pretrained weights")
-    p.add_argument("--save-adapter", metavar="FILE", help="write the adapter checkpoint (randlora.save_adapter); "
-                   "with both lora and randlora the method goes into the name; DINOv2's head goes to FILE.head.pt")
+    p.add_argument("--save-adapter", metavar="FILE",
+                   help="write each adapter method's checkpoint, DINOv2's trained head included, to one file "
+                        "(randlora.save_adapter); with both lora and randlora the method goes into the name; "
+                        "none and full write nothing")
     p.add_argument("--image-size", metavar="S", type=int, help="input resolution (default: the model's, 224)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the few-shot subset, batches, head, adapters, random init (default: %(default)s)")

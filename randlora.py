@@ -13,33 +13,28 @@ Symbols and shapes (the letters of every shape comment below):
     r          rank of each random basis;  n = ceil(k / r) bases;  m = n * r >= k
     A          (r, k)       = A_full[:, :k]        one A shared by all n bases of a layer
     B          (n, D, r)    = B_full[:n, :D, :]    B_b = B[b];  Bcat = [B_1 .. B_n]  (D, m)
-    lam, gam   (n, r), (n, k)   trainable: the diagonals of Lambda_b and Gamma_b
+    lam, gam   (n, r), (n, k)   trainable, init 0 and 1/D: the diagonals of Lambda_b, Gamma_b
     s          alpha / (r * sqrt(n))
-A_full (r, k_max) and B_full (n_max, D_max, r) are drawn once per model; every layer reads
-views of them. A layer trains n * (r + k) numbers.
+A_full (r, k_max) and B_full (n_max, D_max, r) are drawn once per model; layers read views.
 
-Scale and initialisation are the authors' [1, app. C.4, and their code]: alpha / r is divided
-by sqrt(n), since a sum of n independent random rank-r terms grows like sqrt(n); lam starts at
-0, so the patched model equals the base model, and gam at 1/D. The paper's alpha = 2r gives
-s = 2 / sqrt(n). LoRA [3] keeps s = alpha / r.
+The scale and init are the authors' [1, app. C.4, and their code]: alpha / r is divided by
+sqrt(n), as a sum of n independent random rank-r terms grows like sqrt(n); lam = 0 makes the
+patched model equal the base model. The paper's alpha = 2r gives s = 2 / sqrt(n).
 
-Why the update is full rank. U = s Bcat LQ with LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)]
-(m, k). With m >= k, random bases and generic lam, gam (distinct across b), both factors have
-rank k, and so has U, though each term has rank r. LoRA's B A has rank <= r, so by Eckart-Young
-its error on a target update is at least sqrt(sum_{i>r} sigma_i^2) (eq. 8). Two caveats the
-tests pin down: at init all gam_b are equal, so U has rank r until training separates them; and
-a zero column of a sparse ternary A [2] is a zero column of U.
+Why the update is full rank: U = s Bcat LQ, LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)]
+(m, k). With m >= k, random bases and generic lam, gam (distinct across b) both factors have
+rank k, so U has, though each term has rank r; LoRA's B A has rank r, so by Eckart-Young its
+error on a target update is at least sqrt(sum_{i>r} sigma_i^2) (eq. 8). At init the gam_b are
+equal (U has rank r until training separates them), and a zero column of a sparse A is one of U.
 
-Cost, and the rule that picks a path. The autograd function saves only x for backward and
-recomputes the rest. A layer either materialises W + DeltaW or projects the tokens through the
-factors. Multiply-adds per layer (tr = 1 if in > out):
+Cost. The autograd function saves only x and recomputes the rest. A layer either materialises
+W + DeltaW or projects the tokens through the factors; in multiply-adds (tr = 1 if in > out):
 
     inference   materialised  TDk + Dkm          factored  TDk + TDm + Tkm
     training    materialised  3TDk + 3Dkm        factored  2TDk + (2 + tr) TDm + 3Tkm
 
-so materialising is the cheaper from T >= Dkm / (Dm + km) (inference) and from
-T >= 3Dkm / ((2 + tr) Dm + 3km - Dk) (training). Both thresholds depend only on the layer's
-shape: they are computed when the layer is built, and the forward compares T with one.
+so it materialises from T >= Dkm / (Dm + km) (inference) or 3Dkm / ((2 + tr) Dm + 3km - Dk)
+(training): thresholds of the layer's shape, computed once when it is built.
 
 References
     [1] Albert et al., RandLoRA: Full-rank parameter-efficient fine-tuning of large models,
@@ -54,7 +49,7 @@ import hashlib
 import math
 import os
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -68,7 +63,6 @@ PATHS = ("auto", "materialised", "factored")
 # ----------------------------------------------------------------------------------------
 # Configuration
 
-
 @dataclass(frozen=True)
 class AdapterConfig:
     method: str                          # "randlora" or "lora"
@@ -81,25 +75,17 @@ class AdapterConfig:
     target_parameters: tuple = ()        # qualified names (or suffixes) of raw 2-D weight Parameters
     trainable: tuple = ()                # modules left trainable and saved with the adapter (a head)
 
-
 # ----------------------------------------------------------------------------------------
 # Frozen random bases
-
-
-def ternary_scale(basis: str, D_max: int) -> float:
-    """The s of Li et al.'s ternary entries sqrt(s) * {-1, 0, +1}; probabilities 1/2s, 1-1/s, 1/2s."""
-    return {"binary": 1.0, "sparse": 3.0, "very_sparse": math.sqrt(D_max)}[basis]
-
 
 def _sample(shape, basis: str, D_max: int, gen: torch.Generator) -> torch.Tensor:
     if basis == "uniform":                                   # U(-sqrt3, sqrt3): unit variance
         return (torch.rand(shape, generator=gen) * 2 - 1) * math.sqrt(3)
     if basis == "normal":
         return torch.randn(shape, generator=gen)
-    s = ternary_scale(basis, D_max)                          # unit variance by construction
-    u = torch.rand(shape, generator=gen)
+    s = {"binary": 1.0, "sparse": 3.0, "very_sparse": math.sqrt(D_max)}[basis]   # Li et al.'s s [2]
+    u = torch.rand(shape, generator=gen)                     # sqrt(s) {-1, 0, 1} w.p. 1/2s, 1-1/s, 1/2s
     return math.sqrt(s) * ((u < 0.5 / s).float() - (u >= 1 - 0.5 / s).float())
-
 
 def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int = 0):
     """A_full (r, k_max) and B_full (n_max, D_max, r), float32, bit-identical for a seed on any
@@ -109,7 +95,6 @@ def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int
     A = _sample((r, k_max), basis, D_max, gen)                          # (r, k_max)
     B = _sample((math.ceil(k_max / r), D_max, r), basis, D_max, gen)    # (n_max, D_max, r)
     return A, B.transpose(0, 1).contiguous().transpose(0, 1)           # strides (r, n_max r, 1)
-
 
 class SharedBases(nn.Module):
     """A_full and B_full, once per model, as non-persistent buffers: `model.to()` converts them
@@ -127,27 +112,22 @@ class SharedBases(nn.Module):
             layer.refresh_views()
         return self
 
-
 # ----------------------------------------------------------------------------------------
 # The memory-saving autograd functions. DeltaW is formed by _delta only. H = Bcat^T G_U (m, k),
 # G_U the weight gradient in (D, k) layout, gives lam's and gam's gradients elementwise.
-
 
 def _lq(lam, gam, A):
     """LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)] (m, k): U = s Bcat LQ."""
     return (lam[:, :, None] * gam[:, None, :] * A).reshape(-1, A.shape[1])   # (n, r, k) -> (m, k)
 
-
 def _addmm(base, L, R, s):
     """base + s L R, or s L R when base is None."""
     return torch.mm(L, R).mul_(s) if base is None else torch.addmm(base, L, R, alpha=s)
-
 
 def _delta(Bcat, LQ, s, transposed, base=None):
     """DeltaW = s Bcat LQ in (out, in) layout, added to `base` if given: the one implementation
     of eq. 4 that delta_weight(), merge and the autograd functions share."""
     return _addmm(base, LQ.T, Bcat.T, s) if transposed else _addmm(base, Bcat, LQ, s)
-
 
 def _scaling_grads(H, A, lam, gam, s):
     """dL/dlam (n, r) and dL/dgam (n, k) from H = Bcat^T G_U (m, k), U = s Bcat LQ:
@@ -155,12 +135,10 @@ def _scaling_grads(H, A, lam, gam, s):
     HA = H.reshape(lam.shape[0], lam.shape[1], -1).to(lam.dtype).mul_(s).mul_(A)   # (n, r, k)
     return (HA * gam[:, None, :]).sum(2), (HA * lam[:, :, None]).sum(1)
 
-
 class RandLoRAFunction(torch.autograd.Function):
-    """y = x W^T + bias + x DeltaW^T. Saves x and references to W, bias, lam, gam, A, Bcat,
-    which exist anyway; DeltaW, W + DeltaW, the weight gradient and the (T, m) projections
-    are recomputed in backward instead of being kept alive. `weight=None` computes the
-    update branch alone. `materialise` picks the path; each path has one fixed backward."""
+    """y = x W^T + bias + x DeltaW^T. Saves x and references to W, bias, lam, gam, A, Bcat, which
+    exist anyway; DeltaW, W + DeltaW, the weight gradient and the (T, m) projections are recomputed
+    in backward. `weight=None`: the update branch alone. Each path has one fixed backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
@@ -189,7 +167,7 @@ class RandLoRAFunction(torch.autograd.Function):
         Bc = Bcat.to(dt)                                                # (D, m)
         LQ = _lq(lam, gam, A).to(dt) if need_x else None                # (m, k)
         w = None if weight is None else weight.to(dt)                   # (out, in)
-        gx = gw = gb = glam = ggam = H = None
+        gx = glam = ggam = H = None
         G = gy2.T @ x2 if need_w or (ctx.materialise and (need_lam or need_gam)) else None  # (out, in)
         if ctx.materialise:                                             # through the weight
             if need_lam or need_gam:
@@ -205,14 +183,10 @@ class RandLoRAFunction(torch.autograd.Function):
                 gx = _addmm(gyW, gy2 @ LQ.T, Bc.T, s) if tr else _addmm(gyW, Z, LQ, s)
         if H is not None:
             glam, ggam = _scaling_grads(H, A, lam, gam, s)              # (n, r), (n, k)
-        if need_x:
-            gx = gx.reshape(x.shape).to(x.dtype)
-        if need_w:
-            gw = G.to(weight.dtype)
-        if need_b:
-            gb = gy2.sum(0).to(bias.dtype)                              # (out,)
+        gx = gx.reshape(x.shape).to(x.dtype) if need_x else None
+        gw = G.to(weight.dtype) if need_w else None
+        gb = gy2.sum(0).to(bias.dtype) if need_b else None              # (out,)
         return gx, gw, gb, glam, ggam, None, None, None, None, None
-
 
 class RandLoRAWeightFunction(torch.autograd.Function):
     """W + DeltaW for a raw weight adapted through target_parameters. Saves references to lam,
@@ -235,34 +209,21 @@ class RandLoRAWeightFunction(torch.autograd.Function):
         glam, ggam = _scaling_grads(H, A, lam, gam, ctx.scale)          # (n, r), (n, k)
         return (G if ctx.needs_input_grad[0] else None), glam, ggam, None, None, None, None
 
-
-def path_thresholds(D: int, k: int, m: int, transposed: bool) -> tuple:
-    """(inference, training): the smallest T from which materialising costs fewer multiply-adds
-    than projecting the tokens (the table in the module docstring)."""
-    infer = D * k * m / (D * m + k * m)
-    train = 3 * D * k * m / ((2 + transposed) * D * m + 3 * k * m - D * k)
-    return math.ceil(infer), math.ceil(train)
-
-
 # ----------------------------------------------------------------------------------------
 # Layers. RandLoRA and LoRA are the updates of one frozen weight; used directly they are
 # parametrizations (forward(W) = W + DeltaW). The *Linear subclasses own an nn.Linear's (or
 # Conv1D's) frozen weight and bias and compute the whole layer from x.
 
-
 def _param_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)             # fp32 masters for bf16/fp16
-
 
 def _trainables(u) -> dict:
     return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
 
-
 class _Update(nn.Module):
-    """What RandLoRA and LoRA share. A merge is recorded in state_dict (`merged_flag`, and the
-    trainables it merged with, `<name>_merged`), so that unmerge takes out exactly what merge
-    put in even if an optimizer moved them since, and a loaded state says whether its weight is
-    merged. The trainables stay float32 (or wider) masters through model.half()."""
+    """What RandLoRA and LoRA share. A merge is recorded in state_dict (`merged_flag` and the
+    trainables it merged with, `<name>_merged`): unmerge takes out what merge put in even if an
+    optimizer moved them since. The trainables stay float32 masters through model.half()."""
 
     def _init_state(self):
         self.merged = self.disabled = False
@@ -283,16 +244,13 @@ class _Update(nn.Module):
                 t.data = before.to(t.device)
         return self
 
-    def _adopt(self, base: nn.Module, dropout: float):
-        """For the *Linear layers: share the base module's frozen weight and bias."""
+    def _adopt(self, base: nn.Module, dropout: float):                 # *Linear: share W and bias
         self.weight, self.bias, self.dropout = base.weight, base.bias, nn.Dropout(dropout)
         object.__setattr__(self, "base_layer", base)                    # not a child: no copies
 
-    def synced_base(self) -> nn.Module:
-        """The module this layer replaced, holding the layer's current weight and bias."""
+    def synced_base(self) -> nn.Module:                                 # the module it replaced
         self.base_layer.weight, self.base_layer.bias = self.weight, self.bias
         return self.base_layer
-
 
 class RandLoRA(_Update):
     """The update of one frozen weight: lam (n, r), gam (n, k), views of the shared bases.
@@ -301,9 +259,12 @@ class RandLoRA(_Update):
     def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False):
         super().__init__()
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
-        self.k, self.D, self.r, self.n = min(in_f, out_f), max(in_f, out_f), r, math.ceil(min(in_f, out_f) / r)
-        self.scale, self.transposed, self.fan_in_fan_out = alpha / (r * math.sqrt(self.n)), in_f > out_f, fan_in_fan_out
-        self.thresholds = path_thresholds(self.D, self.k, self.n * r, self.transposed)
+        k, D, tr = min(in_f, out_f), max(in_f, out_f), in_f > out_f
+        n, m = math.ceil(k / r), math.ceil(k / r) * r
+        self.k, self.D, self.r, self.n, self.transposed, self.fan_in_fan_out = k, D, r, n, tr, fan_in_fan_out
+        self.scale = alpha / (r * math.sqrt(n))
+        self.thresholds = (math.ceil(D * k * m / (D * m + k * m)),     # (inference, training): docstring
+                           math.ceil(3 * D * k * m / ((2 + tr) * D * m + 3 * k * m - D * k)))
         kw = dict(device=weight.device, dtype=_param_dtype(weight))
         self.lam = nn.Parameter(torch.zeros(self.n, r, **kw))              # (n, r)
         self.gam = nn.Parameter(torch.full((self.n, self.k), 1 / self.D, **kw))  # (n, k)
@@ -313,8 +274,7 @@ class RandLoRA(_Update):
         self._init_state()
 
     def refresh_views(self):
-        """This layer's views A (r, k) and Bcat (D, m) of the shared bases, made here once (and
-        again by SharedBases when the model moves), so that the forward only reads them."""
+        """Views A (r, k) and Bcat (D, m) of the shared bases, made once (and on a move)."""
         self.A = self._shared.A[:, : self.k]                                           # (r, k)
         self.Bcat = self._shared.B[: self.n, : self.D].transpose(0, 1).reshape(self.D, -1)  # (D, m), a view
 
@@ -326,8 +286,7 @@ class RandLoRA(_Update):
         return self.A, self._shared.B[: self.n, : self.D]
 
     def delta_weight(self, at_merge=False) -> torch.Tensor:
-        """DeltaW in the base weight's own layout ((in, out) for a Conv1D); `at_merge`: from the
-        scalings recorded by the last merge."""
+        """DeltaW in the base weight's layout ((in, out) for a Conv1D); `at_merge`: as last merged."""
         lam, gam = (self.lam_merged, self.gam_merged) if at_merge else (self.lam, self.gam)
         dt = torch.promote_types(lam.dtype, self.A.dtype)
         dw = _delta(self.Bcat.to(dt), _lq(lam, gam, self.A).to(dt), self.scale, self.transposed)
@@ -337,7 +296,6 @@ class RandLoRA(_Update):
         if self.merged or self.disabled:
             return W
         return RandLoRAWeightFunction.apply(W, self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed)
-
 
 class LoRA(_Update):
     """The baseline DeltaW = s * lora_B @ lora_A, s = alpha / r, lora_B (out, r) zero, lora_A
@@ -361,13 +319,12 @@ class LoRA(_Update):
     def forward(self, W):                                               # as a parametrization
         return W if self.merged or self.disabled else W + self.delta_weight().to(W.dtype)
 
-
 class RandLoRALinear(RandLoRA):
     """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the module docstring's
     rule), or "materialised" / "factored" to force one."""
 
     def __init__(self, base: nn.Module, bases: SharedBases, r, alpha, dropout=0.0):
-        super().__init__(base.weight, bases, r, alpha, fan_in_fan_out=_is_conv1d(base))
+        super().__init__(base.weight, bases, r, alpha, fan_in_fan_out=type(base).__name__ == "Conv1D")
         self._adopt(base, dropout)
         self.path = "auto"
 
@@ -390,10 +347,9 @@ class RandLoRALinear(RandLoRA):
             return F.linear(x, W, self.bias) + RandLoRAFunction.apply(self.dropout(x), None, None, *args)
         return RandLoRAFunction.apply(x, W, self.bias, *args)
 
-
 class LoRALinear(LoRA):
     def __init__(self, base: nn.Module, r, alpha, gen, dropout=0.0):
-        super().__init__(base.weight, r, alpha, gen, fan_in_fan_out=_is_conv1d(base))
+        super().__init__(base.weight, r, alpha, gen, fan_in_fan_out=type(base).__name__ == "Conv1D")
         self._adopt(base, dropout)
 
     def forward(self, x):
@@ -407,18 +363,11 @@ class LoRALinear(LoRA):
                          self.lora_B.to(x.dtype).T, alpha=self.scale)  # (T, out)
         return y2.reshape(y.shape)
 
-
 # ----------------------------------------------------------------------------------------
 # Patching
 
-
-def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D"                                 # Hugging Face's: weight (in, out)
-
-
 def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
-
 
 def _as_names(value, what: str) -> tuple:
     value = (value,) if isinstance(value, str) else tuple(value)
@@ -426,34 +375,28 @@ def _as_names(value, what: str) -> tuple:
         raise TypeError(f"{what} must be a string or a list of non-empty strings, got {value!r}")
     return value
 
-
 def _require_module(model):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
-
 def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"r must be an int, got {type(r).__name__}")
-    if r < 1:
-        raise ValueError(f"r must be >= 1, got {r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
-        raise ValueError(f"alpha must be a finite non-zero number (s = 0 would train nothing), got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    if not -2**63 <= seed < 2**64:                                     # torch.Generator's range
-        raise ValueError("seed must lie in [-2**63, 2**64), the range torch.Generator accepts")
-    if basis not in BASES:
-        raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
-
+    real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for ok, error, message in (
+            (type(r) is int, TypeError, f"r must be an int, got {type(r).__name__}"),
+            (type(r) is not int or r >= 1, ValueError, f"r must be >= 1, got {r}"),
+            (real(alpha) and alpha != 0, ValueError, f"alpha must be a finite non-zero number, got {alpha!r}"),
+            (real(dropout) and 0 <= dropout < 1, ValueError, f"dropout must be a number in [0, 1), got {dropout!r}"),
+            (type(seed) is int, TypeError, f"seed must be an int, got {seed!r}"),
+            (type(seed) is not int or -2**63 <= seed < 2**64, ValueError, "seed must lie in [-2**63, 2**64)"),
+            (basis in BASES, ValueError, f"unknown basis {basis!r}; choose one of {BASES}")):
+        if not ok:
+            raise error(message)
 
 def _unpatchable(m: nn.Module, parents: list) -> str | None:
-    """Why a layer in m's place would compute something else than m; None if it would not."""
+    """Why a layer put in m's place would not compute what m computes; None if it would."""
     reader = next((p for p in parents if isinstance(p, (nn.MultiheadAttention, nn.TransformerEncoderLayer))), None)
     if reader is not None:
-        return f"its parent {type(reader).__name__} reads its weight directly (a fused path), so a patched module would never be called"
+        return f"its parent {type(reader).__name__} reads its weight directly (a fused path)"
     if not isinstance(m.weight, nn.Parameter):
         return "its weight is computed (weight norm or another parametrization or hook); remove that first"
     if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
@@ -462,33 +405,28 @@ def _unpatchable(m: nn.Module, parents: list) -> str | None:
         return "it is named Conv1D but is not Hugging Face's (weight (in, out), nf = out)"
     return None
 
-
-def _find_targets(model, target_modules, target_parameters) -> list:
+def _find_targets(model, mods: tuple, params: tuple) -> list:
     """[(name, kind, module, weight)]: modules, then raw parameters, each in model order; a module
-    with several names is one target (under its first name). Validates, changes nothing."""
+    with several names is one target, under its first. Validates everything, changes nothing."""
     _require_module(model)
-    mods, params = _as_names(target_modules, "target_modules"), _as_names(target_parameters, "target_parameters")
     if not mods and not params:
         raise ValueError("nothing to adapt: pass target_modules (e.g. ['attn.qkv']) or target_parameters")
     if any(isinstance(m, (_Update, SharedBases)) for m in model.modules()):
         raise ValueError("this model is already patched; patch a fresh copy of the base model instead")
     every = list(model.named_modules(remove_duplicate=False))
-    linear = {n: m for n, m in every if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    linear = {n: m for n, m in every if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
     raw = {n: p for n, p in model.named_parameters() if p.dim() == 2}
     for pats, pool, kind in ((mods, linear, "module"), (params, raw, "parameter")):
         for pat in [p for p in pats if not any(_matches(n, p) for n in pool)]:
-            hint = f"; {pat!r} is a raw parameter: pass target_parameters=[{pat!r}]" if pat in mods and any(
-                _matches(n, pat) for n in raw) else ""
-            raise ValueError(f"target {pat!r} matches no {kind} of the model{hint}; candidates: "
-                             + (", ".join(list(pool)[:30]) or "none"))
+            hint = f" ({pat!r} is a raw parameter: pass target_parameters)" if any(_matches(n, pat) for n in raw) else ""
+            raise ValueError(f"target {pat!r} matches no {kind}{hint}; candidates: {', '.join(list(pool)[:30]) or 'none'}")
     targets = []
     for name, m in linear.items():
         aliases = [n for n, x in every if x is m]
         if name == aliases[0] and any(_matches(a, p) for a in aliases for p in mods):
             why = _unpatchable(m, [model.get_submodule(a.rpartition(".")[0]) for a in aliases])
             if why:
-                raise ValueError(f"cannot patch {name!r}: {why}; or adapt its weight through "
-                                 f"target_parameters=[{name + '.weight'!r}]")
+                raise ValueError(f"cannot patch {name!r}: {why}; adapt target_parameters=[{name + '.weight'!r}] instead")
             targets.append((name, "module", m, m.weight))
     for name, p in raw.items():
         owner = model.get_submodule(name.rpartition(".")[0])
@@ -497,7 +435,6 @@ def _find_targets(model, target_modules, target_parameters) -> list:
                 raise ValueError(f"{name!r} belongs to an adapted layer; target the layer or its weight, not both")
             targets.append((name, "parameter", owner, p))
     return targets
-
 
 def _extra_trainables(model, patterns, targets=()) -> dict:
     """{qualified name: Parameter} of the modules named in `trainable`; validates."""
@@ -508,45 +445,40 @@ def _extra_trainables(model, patterns, targets=()) -> dict:
         raise ValueError(f"trainable {n!r} holds an adapted layer; name a module beside the targets (e.g. a head)")
     return {k: p for n in hits for k, p in model.get_submodule(n).named_parameters(prefix=n)}
 
-
 def _replace(model, old: nn.Module, new: nn.Module):
     """Put `new` under every name that `old` has in the model."""
     for name in [n for n, x in model.named_modules(remove_duplicate=False) if x is old]:
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, new)
 
-
 def _patch(model, c: AdapterConfig) -> list:
     """Validate everything, then freeze the model and install an adapter on every target."""
-    _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if c.method == "randlora" else "uniform")
+    c = replace(c, **{f: _as_names(getattr(c, f), f) for f in ("target_modules", "target_parameters", "trainable")})
+    rand = c.method == "randlora"
+    _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if rand else "uniform")
     targets = _find_targets(model, c.target_modules, c.target_parameters)
-    extra = _extra_trainables(model, _as_names(c.trainable, "trainable"), targets)
+    extra = _extra_trainables(model, c.trainable, targets)
     for name, _, _, w in targets:
-        if not w.is_floating_point():
-            raise TypeError(f"{name!r} has dtype {w.dtype}; only floating-point weights can be adapted "
-                            "(dequantise the model first)")
-        if w.is_meta:
-            raise ValueError(f"{name!r} is on the meta device; materialise the model (to_empty, then load its "
-                             "weights) before patching")
+        if not w.is_floating_point() or w.is_meta:
+            raise (ValueError if w.is_meta else TypeError)(f"{name!r} is {'on the meta device' if w.is_meta else w.dtype}"
+                                                           "; adapt real floating-point weights (dequantise, or load them)")
         if c.r > min(w.shape):
             raise ValueError(f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}")
-    if c.method == "randlora":
+    if rand:
         A, B = make_bases(c.r, max(min(t[3].shape) for t in targets), max(max(t[3].shape) for t in targets),
                           c.basis, c.seed)
         for name, _, _, w in [t for t in targets if not A[:, : min(t[3].shape)].any()]:
-            raise ValueError(f"the {c.basis} bases of seed {c.seed} have A = 0 on the {min(w.shape)} columns "
-                             f"of {name!r}, so its update would stay zero; raise r, or change seed or basis")
+            raise ValueError(f"the {c.basis} bases of seed {c.seed} are zero on A's columns of {name!r}, so its "
+                             "update would stay zero; raise r, or change seed or basis")
         dts = {t[3].dtype for t in targets}                            # one dtype, or the float32 draws
         dt, dev = dts.pop() if len(dts) == 1 else torch.float32, targets[0][3].device
         shared = SharedBases(A.to(dev, dt), B.to(dev, dt), c)
     else:
-        shared = SharedBases(torch.empty(0), torch.empty(0), c)        # the config record only
-        gen = torch.Generator("cpu").manual_seed(c.seed)
+        shared, gen = SharedBases(torch.empty(0), torch.empty(0), c), torch.Generator("cpu").manual_seed(c.seed)
     model.requires_grad_(False)
     for p in extra.values():
         p.requires_grad_(True)
     for i, (name, kind, mod, w) in enumerate(targets):
-        rand = c.method == "randlora"
         if kind == "module":
             layer = RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout) if rand else LoRALinear(mod, c.r, c.alpha, gen, c.dropout)
             _replace(model, mod, layer)
@@ -557,26 +489,21 @@ def _patch(model, c: AdapterConfig) -> list:
             layer.shared_bases = shared                                # registered once, here
     return [t[0] for t in targets]
 
-
-def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0,
-                 target_parameters=(), trainable=()) -> list:
+def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0, target_parameters=(),
+                 trainable=()) -> list:
     """Patch `model` in place: every nn.Linear / Conv1D whose qualified name matches one of
     `target_modules` (exactly, or as a dotted suffix: "attn.qkv" matches "blocks.0.attn.qkv")
     becomes a RandLoRALinear, every 2-D Parameter matching `target_parameters` (e.g.
     "in_proj_weight" of nn.MultiheadAttention) gets a RandLoRA parametrization, and every other
     parameter is frozen, but those of the modules named in `trainable` (e.g. a new head), which
     adapter checkpoints carry too. Returns the adapted names. On bad input raises, changes nothing."""
-    names = [_as_names(v, w) for v, w in ((target_modules, "target_modules"),
-                                            (target_parameters, "target_parameters"), (trainable, "trainable"))]
-    return _patch(model, AdapterConfig("randlora", r, alpha, basis, seed, dropout, *names))
-
+    return _patch(model, AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters,
+                                       trainable))
 
 def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=(), trainable=()) -> list:
     """The LoRA baseline with the same targeting, freezing and errors as add_randlora."""
-    names = [_as_names(v, w) for v, w in ((target_modules, "target_modules"),
-                                            (target_parameters, "target_parameters"), (trainable, "trainable"))]
-    return _patch(model, AdapterConfig("lora", r, alpha, "none", seed, dropout, *names))
-
+    return _patch(model, AdapterConfig("lora", r, alpha, "none", seed, dropout, target_modules, target_parameters,
+                                       trainable))
 
 def adapters(model) -> dict:
     """{adapted name: (update module, frozen base weight Parameter)} in model order."""
@@ -585,45 +512,38 @@ def adapters(model) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, (RandLoRALinear, LoRALinear)):
             out[name] = (m, m.weight)
-        elif parametrize.is_parametrized(m):
-            for pname, plist in m.parametrizations.items():
-                for u in [u for u in plist if isinstance(u, _Update)]:
-                    out[f"{name}.{pname}" if name else pname] = (u, plist.original)
+        for pname, plist in (m.parametrizations.items() if parametrize.is_parametrized(m) else ()):
+            for u in [u for u in plist if isinstance(u, _Update)]:
+                out[f"{name}.{pname}" if name else pname] = (u, plist.original)
     return out
-
 
 def adapter_config(model) -> AdapterConfig:
     _require_module(model)
-    for m in model.modules():
-        if isinstance(m, SharedBases):
-            return m.config
+    for m in [m for m in model.modules() if isinstance(m, SharedBases)]:
+        return m.config
     raise ValueError("this model has no adapters; call add_randlora(model, ...) or add_lora(model, ...) first")
-
 
 def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=()) -> int:
     """The RandLoRA r whose trainable count, sum n (r + k), is closest to LoRA's at `lora_rank`,
     sum lora_rank (in + out), over the same targets (ties go to the smaller count)."""
     _check_hparams(lora_rank, 1.0, 0.0, 0)
-    ws = [w for *_, w in _find_targets(model, target_modules, target_parameters)]
+    ws = [t[3] for t in _find_targets(model, _as_names(target_modules, "target_modules"),
+                                      _as_names(target_parameters, "target_parameters"))]
     budget = sum(lora_rank * sum(w.shape) for w in ws)
     count = lambda r: sum(math.ceil(min(w.shape) / r) * (r + min(w.shape)) for w in ws)
     return min(range(1, min(min(w.shape) for w in ws) + 1), key=lambda r: (abs(count(r) - budget), count(r)))
 
-
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-
 # ----------------------------------------------------------------------------------------
 # Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once.
-
 
 def _shifted(u, w, merge: bool) -> torch.Tensor:
     """W + DeltaW (merge), or W - the DeltaW of the last merge (unmerge)."""
     dt = torch.promote_types(w.dtype, torch.float32)
     dw = u.delta_weight(at_merge=not merge).to(dt)
     return (w.to(dt) + dw if merge else w.to(dt) - dw).to(w.dtype)
-
 
 @torch.no_grad()
 def _set_merged(model, merged: bool) -> int:
@@ -637,8 +557,7 @@ def _set_merged(model, merged: bool) -> int:
         tied = holders[w.untyped_storage().data_ptr()]
         if len(tied) > 1:
             raise ValueError(f"{tied[0]} and {tied[1]} are one tied tensor; merging {name!r} would change both. "
-                             f"Untie them first (assign a clone), or leave {name!r} out of the targets; "
-                             "unmerged, training and inference are correct")
+                             f"Untie them (assign a clone) or leave {name!r} out; unmerged, the model is correct")
         if not torch.isfinite(_shifted(u, w, merged)).all():
             raise ValueError(f"{'merging' if merged else 'unmerging'} {name!r} would give non-finite "
                              "weights; nothing was changed (check lam/gam and the weight's dtype range)")
@@ -650,17 +569,14 @@ def _set_merged(model, merged: bool) -> int:
         u.merged_flag.fill_(merged)
     return len(todo)
 
-
 def merge(model) -> int:
     """Fold every DeltaW into its base weight; layers then run at the base model's speed.
     Idempotent; returns how many layers changed. Refuses tied weights, changing nothing."""
     return _set_merged(model, True)
 
-
 def unmerge(model) -> int:
     """Take out of every weight the DeltaW its merge put in (exact up to the dtype's rounding)."""
     return _set_merged(model, False)
-
 
 def unload(model) -> nn.Module:
     """Merge, then give the plain model back: every patched layer becomes its original module
@@ -675,7 +591,6 @@ def unload(model) -> nn.Module:
             owner, _, attr = name.rpartition(".")
             parametrize.remove_parametrizations(model.get_submodule(owner), attr)
     return model
-
 
 @contextlib.contextmanager
 def disable_adapters(model):
@@ -700,20 +615,13 @@ def disable_adapters(model):
         if merged:
             merge(model)
 
-
 # ----------------------------------------------------------------------------------------
 # Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases.
-
 
 def _saved(model) -> dict:
     """{checkpoint key: Parameter}: every adapter's trainables, then the `trainable` modules' ones."""
     out = {f"{n}.{k}": p for n, (u, _) in adapters(model).items() for k, p in _trainables(u).items()}
     return {**out, **_extra_trainables(model, adapter_config(model).trainable)}
-
-
-def _out_in(model) -> dict:
-    return {name: list(w.shape[::-1] if u.fan_in_fan_out else w.shape) for name, (u, w) in adapters(model).items()}
-
 
 def _is_plain(d) -> bool:
     """A str-keyed dict of scalars and flat lists of them, <= 1 MiB of text: cheap to compare and repr."""
@@ -723,60 +631,13 @@ def _is_plain(d) -> bool:
     return sum(len(x) for x in cells if type(x) is str) <= 2**20 and all(
         type(x) in (str, bool, float) or type(x) is int and abs(x) <= 2**64 for x in cells)
 
-
 def adapter_state_dict(model) -> dict:
     """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r),
     "<name>.gam": (n, k), ..}}: plain types and tensors, which torch.load(weights_only=True) reads."""
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(adapter_config(model)).items()}
+    shapes = {n: list(w.shape[::-1] if u.fan_in_fan_out else w.shape) for n, (u, w) in adapters(model).items()}
     tensors = {key: p.detach().cpu().clone() for key, p in _saved(model).items()}
-    return {"format_version": FORMAT_VERSION, "config": config, "shapes": _out_in(model), "tensors": tensors}
-
-
-def load_adapter_state_dict(model, state, check=None) -> None:
-    """Load into a model patched with the same config and layer shapes. Every entry is checked
-    before any is copied, shapes before values, and errors name the model's values, never the
-    checkpoint's objects (whose repr can cost anything)."""
-    if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
-        raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
-    version = state["format_version"]
-    if isinstance(version, int) and version == 1:
-        raise ValueError("checkpoint format 1 predates the paper's scaling: it was trained with s = alpha / r "
-                         "and gam from 1/k, this file applies s = alpha / (r sqrt(n)) and gam from 1/D, so "
-                         "its update would come out sqrt(n) times smaller; retrain, or use the version that wrote it")
-    if not isinstance(version, int) or version != FORMAT_VERSION:
-        raise ValueError(f"checkpoint format is not {FORMAT_VERSION}; write it with this file's save_adapter")
-    have, saved, tensors = asdict(adapter_config(model)), state["config"], state["tensors"]
-    if not _is_plain(saved) or not isinstance(tensors, dict):
-        raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
-    for key in [k for k in ("method", "r", "alpha", "basis", "seed") if saved.get(k) != have[k]]:
-        raise ValueError(f"checkpoint {key} differs from the model's {key}={have[key]!r}; "
-                         "patch a fresh model with the checkpoint's config")
-    expected = _saved(model)
-    missing = [k for k in expected if k not in tensors]
-    extra = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in tensors if k not in expected)
-    if missing or extra:
-        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
-    shapes, got = _out_in(model), state.get("shapes")
-    if not _is_plain(got) or got != shapes:
-        wrong = [f"{n} {tuple(s)}" for n, s in shapes.items() if not _is_plain(got) or got.get(n) != s]
-        raise ValueError(f"checkpoint was saved from layers of other (out, in) shapes than this model's "
-                         f"{wrong[:5]}; load it into a model with the layer shapes it was trained with")
-    for key, p in expected.items():
-        t = tensors[key]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided or t.is_meta:
-            what = f"{t.dtype} {t.layout} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"checkpoint entry {key!r} must be a dense floating-point tensor, got {what}")
-        if t.shape != p.shape or not torch.isfinite(t.to(p.dtype)).all():    # finite after the cast
-            raise ValueError(f"checkpoint entry {key!r} has shape {tuple(t.shape)} (or non-finite values); "
-                             f"the model expects {tuple(p.shape)}")
-    if any(u.merged for u, _ in adapters(model).values()):
-        raise ValueError("the model is merged; call unmerge(model) before loading adapters")
-    if check is not None and not check():                              # load_adapter's sha256
-        raise ValueError("adapter checkpoint fails its sha256 check: it changed after save_adapter wrote it")
-    with torch.no_grad():
-        for key, p in expected.items():
-            p.copy_(tensors[key])
-
+    return {"format_version": FORMAT_VERSION, "config": config, "shapes": shapes, "tensors": tensors}
 
 def _digest(state) -> str:
     """sha256 of config, shapes and each tensor's name, dtype, shape and bytes (once validated)."""
@@ -786,6 +647,45 @@ def _digest(state) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
+def load_adapter_state_dict(model, state, sha256=None) -> None:
+    """Load into a model patched with the same config and layer shapes. Every entry is checked,
+    shapes before values, before any is copied; errors quote the model's values, never the
+    checkpoint's objects (whose repr can cost anything)."""
+    want, params = adapter_state_dict(model), _saved(model)
+    if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
+        raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
+    version, saved, tensors = state["format_version"], state["config"], state["tensors"]
+    if type(version) is not int or version != FORMAT_VERSION:                # never repr a file's object
+        raise ValueError(f"checkpoint format is not {FORMAT_VERSION}. Files of format 1 were trained with s = "
+                         "alpha / r and gam from 1/k; this file applies s = alpha / (r sqrt(n)) and gam from 1/D, "
+                         "so retrain, or load them with the version that wrote them")
+    if not _is_plain(saved) or not isinstance(tensors, dict):
+        raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
+    for key in [k for k in ("method", "r", "alpha", "basis", "seed") if saved.get(k) != want["config"][k]]:
+        raise ValueError(f"checkpoint {key} differs from the model's {key}={want['config'][key]!r}; "
+                         "patch a fresh model with the checkpoint's config")
+    missing = [k for k in params if k not in tensors]
+    extra = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in tensors if k not in params)
+    if missing or extra:
+        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+    if not _is_plain(state.get("shapes")) or state["shapes"] != want["shapes"]:
+        raise ValueError(f"checkpoint was saved from layers of other (out, in) shapes than this model's "
+                         f"{list(want['shapes'].items())[:5]}; load it into a model with the shapes it was trained with")
+    for key, p in params.items():
+        t = tensors[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided or t.is_meta:
+            what = f"{t.dtype} {t.layout} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"checkpoint entry {key!r} must be a dense floating-point tensor, got {what}")
+        if t.shape != p.shape or not torch.isfinite(t.to(p.dtype)).all():    # finite after the cast
+            raise ValueError(f"checkpoint entry {key!r} has shape {tuple(t.shape)} (or non-finite values); "
+                             f"the model expects {tuple(p.shape)}")
+    if any(u.merged for u, _ in adapters(model).values()):
+        raise ValueError("the model is merged; call unmerge(model) before loading adapters")
+    if sha256 is not None and _digest(state) != sha256:
+        raise ValueError("adapter checkpoint fails its sha256 check: it changed after save_adapter wrote it")
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(tensors[key])
 
 def save_adapter(model, path) -> None:
     """torch.save of adapter_state_dict and its sha256: torch.load checks no CRC of the zip's
@@ -793,44 +693,37 @@ def save_adapter(model, path) -> None:
     state = adapter_state_dict(model)
     torch.save({**state, "sha256": _digest(state)}, path)
 
-
-def _config_of(state) -> AdapterConfig:
-    saved = state.get("config") if isinstance(state, dict) else None
-    if not _is_plain(saved) or set(saved) != {f.name for f in fields(AdapterConfig)} or \
-            saved["method"] not in ("randlora", "lora"):
-        raise ValueError("checkpoint 'config' is not one written by adapter_state_dict(); cannot patch from it")
-    return AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in saved.items()})
-
-
 def load_adapter(model, path) -> None:
     """torch.load(weights_only=True) (no arbitrary unpickling) of a file that fits what this
     model's adapter can need (8 bytes an entry, or 16 per model parameter for a model without
-    adapters, plus 1 MiB), with zip records stored as torch.save writes them
-    and sha256 intact. A model without adapters is first patched from the file's config, and unpatched again if loading
-    fails. A damaged or hostile file is a ValueError, or a TypeError naming the entry."""
+    adapters, plus 1 MiB), with zip records stored as torch.save writes them, then the checks of
+    load_adapter_state_dict and the sha256. A model without adapters is first patched from the
+    file's config, and unpatched again if loading fails. A bad file is a ValueError."""
     _require_module(model)
     patched = any(isinstance(m, SharedBases) for m in model.modules())
-    limit = 8 * sum(p.numel() for p in (_saved(model).values() if patched else model.parameters())) * (
-        1 if patched else 2) + 2**20
+    need = sum(p.numel() for p in _saved(model).values()) if patched else 2 * sum(p.numel() for p in model.parameters())
+    limit = 8 * need + 2**20
     try:
         if os.path.getsize(path) > limit:                               # before its zip directory is read
             raise ValueError(f"the file is larger than the {limit} bytes this model's adapter can need")
-        with zipfile.ZipFile(path) as z:
-            records = z.infolist()
-            if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > limit:
-                raise ValueError(f"its records are compressed or unpack to more than {limit} bytes")
+        records = zipfile.ZipFile(path).infolist()
+        if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > limit:
+            raise ValueError(f"its records are compressed or unpack to more than {limit} bytes")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        config = state.get("config") if isinstance(state, dict) else None
+        if not patched and (not _is_plain(config) or set(config) != {f.name for f in fields(AdapterConfig)}
+                            or config["method"] not in ("randlora", "lora")):
+            raise ValueError("its config is not one written by adapter_state_dict(), so nothing to patch from")
     except FileNotFoundError:
         raise
     except Exception as e:                                             # truncated, tampered, not torch
         raise ValueError(f"could not read adapter checkpoint {str(path)!r}: the file is damaged or not "
                          f"written by save_adapter ({type(e).__name__}: {str(e)[:200]})") from None
-    digest, grads = state.pop("sha256", None) if isinstance(state, dict) else None, {
-        p: p.requires_grad for p in model.parameters()}
+    grads = {p: p.requires_grad for p in model.parameters()}
     try:
         if not patched:
-            _patch(model, _config_of(state))
-        load_adapter_state_dict(model, state, check=lambda: digest is None or _digest(state) == digest)
+            _patch(model, AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in config.items()}))
+        load_adapter_state_dict(model, state, state.pop("sha256", None) if isinstance(state, dict) else None)
     except BaseException as e:
         if not patched and adapters(model):                            # patched here: undo it
             unload(model)

@@ -359,7 +359,7 @@ def test_function_saves_only_x_for_backward():
 def test_ternary_bases_values_and_sparsity(basis):
     r, k_max, D_max = 16, 300, 900
     A, B = R.make_bases(r, k_max, D_max, basis, seed=3)
-    s = R.ternary_scale(basis, D_max)
+    s = {"binary": 1.0, "sparse": 3.0, "very_sparse": math.sqrt(D_max)}[basis]
     for M in (A, B):
         v = torch.tensor(math.sqrt(s)).item()                               # sqrt(s) in float32
         assert set(torch.unique(M).tolist()) <= {-v, 0.0, v}
@@ -897,13 +897,38 @@ def test_checkpoint_reloads_to_the_same_accuracy(world):
             assert row["files"] == []
             continue
         path = str(world.root / f"adapter.{row['method']}.pt")
-        assert row["files"] == [path, str(world.root / f"adapter.{row['method']}.head.pt")]
+        assert row["files"] == [path]
         state = torch.load(path, weights_only=True)
         assert state["config"]["method"] == row["method"] and state["config"]["r"] == row["r"]
         model = demo_vit.load_finetuned(world.args, path, classes)
         data = demo_vit.load_cifar(world.data, "cifar10", download=False)
         idx = demo_vit.per_class(data.test_labels, 5, 10, world.args.seed, "--test-per-class")
         acc, preds = demo_vit.evaluate(model, data.test_images[idx], data.test_labels[idx], world.args, log=print)
+        assert acc == row["accuracy"] and torch.equal(preds, row["predictions"])
+    with pytest.raises(demo_vit.DemoError, match="could not load the checkpoint"):
+        demo_vit.load_finetuned(world.args, str(world.root / "missing.pt"), classes)
+
+
+def test_one_file_per_adapter_method_holds_the_head_and_reloads_into_a_fresh_classifier(world):
+    assert sorted(f for f in os.listdir(world.root) if f.startswith("adapter")) == [
+        "adapter.lora.pt", "adapter.randlora.pt"]                       # no head file beside them
+    data = demo_vit.load_cifar(world.data, "cifar10", download=False)
+    idx = demo_vit.per_class(data.test_labels, 5, 10, world.args.seed, "--test-per-class")
+    for row in [r for r in world.rows if r["method"] in ("lora", "randlora")]:
+        (path,) = row["files"]
+        state = torch.load(path, weights_only=True)
+        assert state["config"]["trainable"] == ["head"]
+        assert {"head.weight", "head.bias"} <= set(state["tensors"])
+        assert all(k.startswith(("backbone.", "head.")) for k in state["tensors"])
+        model = demo_vit.make_classifier(demo_vit.load_backbone(world.args), world.args, data.classes)
+        initial = model.head.weight.clone()
+        R.load_adapter(model, path)                                     # patches from the file's config, loads
+        assert set(R.adapters(model)) == {f"backbone.{n}" for n in row["changes"]}
+        assert torch.equal(model.head.weight, state["tensors"]["head.weight"])
+        assert not torch.equal(model.head.weight, initial)              # the head trained, and came back
+        R.merge(model)                                                  # as run() evaluates
+        acc, preds = demo_vit.evaluate(model, data.test_images[idx], data.test_labels[idx], world.args,
+                                       log=lambda m: None)
         assert acc == row["accuracy"] and torch.equal(preds, row["predictions"])
 
 
@@ -1184,12 +1209,14 @@ def fake_open_clip(calls):
     return types.SimpleNamespace(create_model=create_model, get_tokenizer=get_tokenizer)
 
 
-def test_clip_adapts_attention_in_proj_weight_and_out_proj(world, monkeypatch):
+def test_clip_adapts_attention_in_proj_weight_and_out_proj(world, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setitem(sys.modules, "open_clip", fake_open_clip(calls))
     args = [a for a in argv(world) if a not in ("--hub-dir", world.hub)]
-    args += ["--model", "clip-vit-b-32", "--methods", "none", "randlora", "lora"]
-    rows = demo_vit.run(demo_vit.parse_args(args), log=lambda m: None)
+    args += ["--model", "clip-vit-b-32", "--methods", "none", "randlora", "lora",
+             "--save-adapter", str(tmp_path / "clip.pt")]
+    args = demo_vit.parse_args(args)
+    rows = demo_vit.run(args, log=lambda m: None)
     assert calls[0] == ("ViT-B-32-quickgelu", "openai")
     none, *adapted = rows
     assert none["trainable"] == 0 and none["seconds"] is None           # zero-shot: nothing trains
@@ -1198,6 +1225,16 @@ def test_clip_adapts_attention_in_proj_weight_and_out_proj(world, monkeypatch):
         weights = ("in_proj_weight", "out_proj.weight")
         assert {f"transformer.resblocks.{b}.attn.{w}" for b in range(2) for w in weights} <= names
         assert len(names) == 8 and min(row["changes"].values()) > 0
+    assert sorted(os.listdir(tmp_path)) == ["clip.lora.pt", "clip.randlora.pt"]
+    data = demo_vit.load_cifar(world.data, "cifar10", download=False)
+    idx = demo_vit.per_class(data.test_labels, 5, 10, args.seed, "--test-per-class")
+    for row in adapted:                                                 # the zero-shot head has nothing to save
+        (path,) = row["files"]
+        state = torch.load(path, weights_only=True)
+        assert state["config"]["trainable"] == [] and all(k.startswith("backbone.") for k in state["tensors"])
+        model = demo_vit.load_finetuned(args, path, data.classes)
+        acc, preds = demo_vit.evaluate(model, data.test_images[idx], data.test_labels[idx], args, log=lambda m: None)
+        assert acc == row["accuracy"] and torch.equal(preds, row["predictions"])
 
 
 def test_missing_open_clip_says_how_to_install_it(world, monkeypatch, capsys):
