@@ -42,7 +42,7 @@ Modes:
 extra interleaved methods (`lora@impl`, `randlora@impl`), and "x prev" is the current
 implementation's step time over that copy's, from the same run.
 
-Targets (issue 5), marked pass/miss from the numbers: saved bytes RandLoRA <= LoRA at every T;
+Targets, marked pass/miss from the numbers: saved bytes RandLoRA <= LoRA at every T;
 step time RandLoRA <= 1.3x LoRA at T = 6400, <= 1.9x at 1600, <= 2.5x at 256, and <= 1.1x
 full fine-tuning at 6400; merged inference within 3% of the base model; in the overhead mode
 RandLoRA <= 1.3x LoRA; with --impl, no step-time ratio current/previous above 1.05 at T = 256,
@@ -380,7 +380,7 @@ def _no_grad_forward(model, x):
 
 
 def checks(rows) -> list:
-    """The issue's targets, each as {target, T, method, value, limit, ok}, from the rows."""
+    """The targets, each as {target, T, method, value, limit, ok}, from the rows."""
     train = {(r["T"], r["method"]): r for r in rows if r["kind"] == "train"}
     out = []
     for method in ("randlora", "randlora_vsparse"):
@@ -455,7 +455,7 @@ def table(rows, check_rows) -> str:
                   f"{ms(r['eager_issue_ms']):>9} {ms(r['eager_kernel_ms']):>9} "
                   f"{ms(r['compiled_issue_ms']):>9} {ms(r['compiled_kernel_ms']):>9}" for r in dev]
     if check_rows:
-        lines += ["", "targets (issue 5), on wall-clock medians (CPU-time ratio in brackets)"]
+        lines += ["", "targets, on wall-clock medians (CPU-time ratio in brackets)"]
         for c in check_rows:
             cpu = f" [cpu {c['cpu']:.3f}]" if c.get("cpu") is not None else ""
             lines.append(f"  {'pass' if c['ok'] else 'MISS'}  {c['target']:<27} T={c['T']:<5} {c['method']:<{w}} "

@@ -28,13 +28,16 @@ error on a target update is at least sqrt(sum_{i>r} sigma_i^2) (eq. 8). At init 
 equal (U has rank r until training separates them), and a zero column of a sparse A is one of U.
 
 Cost. The autograd function saves only x and recomputes the rest. A layer either materialises
-W + DeltaW or projects the tokens through the factors; in multiply-adds (tr = 1 if in > out):
+W + DeltaW (backward forms it again for x's gradient) or projects the tokens through the
+factors; lam's and gam's gradients come from H = Bcat^T G, the weight gradient G = gy^T x
+(TDk + Dkm), or, cheaper while T < D, from the tokens projected through Bcat (TDm + Tkm).
+In multiply-adds per layer (tr = 1 if in > out):
 
     inference   materialised  TDk + Dkm          factored  TDk + TDm + Tkm
-    training    materialised  3TDk + 3Dkm        factored  2TDk + (2 + tr) TDm + 3Tkm
+    training    materialised  2TDk + 2Dkm + H    factored  2TDk + (2 + tr) TDm + 3Tkm
 
-so it materialises from T >= Dkm / (Dm + km) (inference) or 3Dkm / ((2 + tr) Dm + 3km - Dk)
-(training): thresholds of the layer's shape, computed once when it is built.
+so it materialises from T >= Dkm / (Dm + km) (inference) or 2Dkm / ((1 + tr) Dm + 2km) (training,
+always below D): thresholds of the layer's shape, computed once when the layer is built.
 
 References
     [1] Albert et al., RandLoRA: Full-rank parameter-efficient fine-tuning of large models,
@@ -167,22 +170,18 @@ class RandLoRAFunction(torch.autograd.Function):
         Bc = Bcat.to(dt)                                                # (D, m)
         LQ = _lq(lam, gam, A).to(dt) if need_x else None                # (m, k)
         w = None if weight is None else weight.to(dt)                   # (out, in)
-        gx = glam = ggam = H = None
-        G = gy2.T @ x2 if need_w or (ctx.materialise and (need_lam or need_gam)) else None  # (out, in)
-        if ctx.materialise:                                             # through the weight
-            if need_lam or need_gam:
-                H = Bc.T @ (G.T if tr else G)                           # (m, k)
-            if need_x:
-                gx = gy2 @ _delta(Bc, LQ, s, tr, w)                     # (T, in)
-        else:                                                           # through the tokens
-            Z = (x2 if tr else gy2) @ Bc                                # (T, m)
-            if need_lam or need_gam:
-                H = Z.T @ (gy2 if tr else x2)                           # (m, k)
-            if need_x:
-                gyW = None if w is None else gy2 @ w                    # (T, in)
-                gx = _addmm(gyW, gy2 @ LQ.T, Bc.T, s) if tr else _addmm(gyW, Z, LQ, s)
-        if H is not None:
+        gx = glam = ggam = None
+        by_weight = ctx.materialise and x2.shape[0] >= Bc.shape[0]     # H from G if T >= D, else tokens
+        G = gy2.T @ x2 if need_w or (by_weight and (need_lam or need_gam)) else None   # (out, in)
+        Z = None if by_weight else (x2 if tr else gy2) @ Bc            # (T, m)
+        if need_lam or need_gam:
+            H = Bc.T @ (G.T if tr else G) if by_weight else Z.T @ (gy2 if tr else x2)   # (m, k)
             glam, ggam = _scaling_grads(H, A, lam, gam, s)              # (n, r), (n, k)
+        if need_x and ctx.materialise:                                  # through W + DeltaW, formed again
+            gx = gy2 @ _delta(Bc, LQ, s, tr, w)                         # (T, in)
+        elif need_x:                                                    # through the factors
+            gyW = None if w is None else gy2 @ w                        # (T, in)
+            gx = _addmm(gyW, gy2 @ LQ.T, Bc.T, s) if tr else _addmm(gyW, Z, LQ, s)
         gx = gx.reshape(x.shape).to(x.dtype) if need_x else None
         gw = G.to(weight.dtype) if need_w else None
         gb = gy2.sum(0).to(bias.dtype) if need_b else None              # (out,)
@@ -264,7 +263,7 @@ class RandLoRA(_Update):
         self.k, self.D, self.r, self.n, self.transposed, self.fan_in_fan_out = k, D, r, n, tr, fan_in_fan_out
         self.scale = alpha / (r * math.sqrt(n))
         self.thresholds = (math.ceil(D * k * m / (D * m + k * m)),     # (inference, training): docstring
-                           math.ceil(3 * D * k * m / ((2 + tr) * D * m + 3 * k * m - D * k)))
+                           math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m)))
         kw = dict(device=weight.device, dtype=_param_dtype(weight))
         self.lam = nn.Parameter(torch.zeros(self.n, r, **kw))              # (n, r)
         self.gam = nn.Parameter(torch.full((self.n, self.k), 1 / self.D, **kw))  # (n, k)

@@ -2216,7 +2216,8 @@ def multiply_adds(T, D, k, m, tr, grad):
     mat = T * D * k + D * k * m                                           # form W + DeltaW, x W_eff^T
     fac = T * D * k + T * k * m + T * D * m                               # x W^T + (x L) R
     if grad:
-        mat += D * k * m + T * D * k + T * D * k + D * k * m              # W_eff again, gy W_eff, G, Bcat^T G
+        mat += D * k * m + T * D * k                                      # W_eff again, gy W_eff
+        mat += T * D * k + D * k * m if T >= D else T * D * m + T * m * k  # H: Bcat^T G, or Z^T (x or gy)
         fac += T * D * k + T * D * m + T * m * k + T * m * k              # gy W, Z, Z^T (x or gy), gx's product
         fac += T * D * m if tr else 0                                     # gx: (gy LQ^T) Bcat^T, Z unused
     return {"materialised": mat, "factored": fac}
@@ -2246,14 +2247,15 @@ def test_path_flips_where_materialising_becomes_cheaper(name, grad):
 @pytest.mark.parametrize("i,o", [(12, 30), (30, 12)])
 def test_each_path_matches_the_eq4_oracle_in_float64_on_both_layouts(i, o, basis):
     """A patched layer (nn.Linear and Conv1D layouts), forced onto each path, against the
-    literal eq. 4 loop: outputs and every gradient, 3-D input, n > 1."""
-    for conv in (False, True):
+    literal eq. 4 loop: outputs and every gradient, 3-D input, n > 1, T below and above D (the
+    materialised backward takes lam's and gam's gradients from the tokens, then from G)."""
+    for conv, T in ((False, 7), (True, 7), (False, 20), (True, 20)):
         torch.manual_seed(i)
         model = nn.Sequential(Conv1D(o, i) if conv else nn.Linear(i, o)).double()
         R.add_randlora(model, ["0"], r=4, alpha=3.0, basis=basis, seed=2)
         randomise(model)
         layer = model[0]
-        x = torch.randn(2, 7, i, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(2, T, i, dtype=torch.float64, requires_grad=True)  # 14 < D = 30 <= 40 tokens
         W = layer.weight + oracle_delta(layer)                            # the base layout
         y_ref = x @ W + layer.bias if conv else F.linear(x, W, layer.bias)
         gy = torch.randn_like(y_ref)
