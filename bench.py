@@ -31,8 +31,9 @@ Modes:
     python bench.py [--shape vit|llm|tiny] [--blocks N] [--tokens 256 1600 6400] [--repeats 5]
                     [--warmup 1] [--methods ...] [--quick] [--json FILE] [--impl PATH/TO/old.py]
     python bench.py --overhead [--impl PATH]     tiny widths (d = 32, d_ff = 128, 12 blocks,
-                    T = 64, LoRA rank 4, 30 repeats after 5 warmup): the step time is the
-                    framework's per-op cost, not arithmetic
+                    T = 64, LoRA rank 4, 30 repeats after 5 warmup), on one thread: the step
+                    time is the framework's per-op cost, not arithmetic (with two threads each
+                    matmul would also pay a thread hand-off, which hides the Python cost)
     python bench.py --device cuda|cpu [--dtype bf16 fp32] [--backend inductor] [--blocks 12]
                     eager and torch.compile'd step times, the one-time compile time apart, and
                     from torch.profiler the CPU time to issue one step beside the device kernel
@@ -512,6 +513,8 @@ def main(argv=None):
                                 DEVICE_TOKENS if a.device else TOKENS))
     if a.quick:
         repeats, warmup = min(repeats, 2), min(warmup, 1)
+    if a.overhead:
+        torch.set_num_threads(1)
     blocks = a.blocks or (1 if a.quick else None)
     env = environment(a.device or "cpu")
     mode = f" device={a.device} dtype={a.dtype or ''} backend={a.backend}" if a.device else ""

@@ -121,7 +121,7 @@ class SharedBases(nn.Module):
 
 def _lq(lam, gam, A):
     """LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)] (m, k): U = s Bcat LQ."""
-    return (lam[:, :, None] * gam[:, None, :] * A).reshape(-1, A.shape[1])   # (n, r, k) -> (m, k)
+    return (lam.unsqueeze(2) * gam.unsqueeze(1) * A).view(-1, A.shape[1])   # (n, r, k) -> (m, k)
 
 def _addmm(base, L, R, s):
     """base + s L R, or s L R when base is None."""
@@ -132,11 +132,19 @@ def _delta(Bcat, LQ, s, transposed, base=None):
     of eq. 4 that delta_weight(), merge and the autograd functions share."""
     return _addmm(base, LQ.T, Bcat.T, s) if transposed else _addmm(base, Bcat, LQ, s)
 
+def _to(t, dt):
+    """t in dtype dt; skips the call where it already is (a no-op .to() still costs ~1 us)."""
+    return t if t is None or t.dtype is dt else t.to(dt)
+
+def _flat(t, dt):
+    """t as (T, features) in dtype dt, with no op where it already is."""
+    return _to(t if t.dim() == 2 else t.reshape(-1, t.shape[-1]), dt)
+
 def _scaling_grads(H, A, lam, gam, s):
     """dL/dlam (n, r) and dL/dgam (n, k) from H = Bcat^T G_U (m, k), U = s Bcat LQ:
     dL/dlam[b, i] = s sum_c H[b r + i, c] A[i, c] gam[b, c], dL/dgam[b, c] = s sum_i (same, lam)."""
-    HA = H.reshape(lam.shape[0], lam.shape[1], -1).to(lam.dtype).mul_(s).mul_(A)   # (n, r, k)
-    return (HA * gam[:, None, :]).sum(2), (HA * lam[:, :, None]).sum(1)
+    HA = _to(H.view(lam.shape[0], lam.shape[1], -1), lam.dtype).mul_(s).mul_(A)   # (n, r, k)
+    return (HA * gam.unsqueeze(1)).sum(2), (HA * lam.unsqueeze(2)).sum(1)
 
 class RandLoRAFunction(torch.autograd.Function):
     """y = x W^T + bias + x DeltaW^T. Saves x and references to W, bias, lam, gam, A, Bcat, which
@@ -149,27 +157,22 @@ class RandLoRAFunction(torch.autograd.Function):
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         ctx.save_for_backward(x, weight, bias, lam, gam, A, Bcat)      # x, and what exists anyway
         ctx.scale, ctx.transposed, ctx.materialise, ctx.dtype = scale, transposed, materialise, dt
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)                          # (T, in)
-        Bc, LQ = Bcat.to(dt), _lq(lam, gam, A).to(dt)                   # (D, m), (m, k)
-        w = None if weight is None else weight.to(dt)                   # (out, in)
-        b = None if bias is None else bias.to(dt)                       # (out,)
+        x2, Bc, LQ = _flat(x, dt), _to(Bcat, dt), _to(_lq(lam, gam, A), dt)   # (T, in), (D, m), (m, k)
+        w, b = _to(weight, dt), _to(bias, dt)                           # (out, in), (out,)
         if materialise:
             y = F.linear(x2, _delta(Bc, LQ, scale, transposed, w), b)   # (T, out)
         else:                                                           # x DeltaW^T = (x L) R
             L, R = (Bc, LQ) if transposed else (LQ.T, Bc.T)             # (in, m), (m, out)
             y = _addmm(None if w is None else F.linear(x2, w, b), x2 @ L, R, scale)   # (T, out)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, bias, lam, gam, A, Bcat = ctx.saved_tensors
         need_x, need_w, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
         s, tr, dt = ctx.scale, ctx.transposed, ctx.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)                          # (T, in)
-        gy2 = gy.reshape(-1, gy.shape[-1]).to(dt)                       # (T, out)
-        Bc = Bcat.to(dt)                                                # (D, m)
-        LQ = _lq(lam, gam, A).to(dt) if need_x else None                # (m, k)
-        w = None if weight is None else weight.to(dt)                   # (out, in)
+        x2, gy2, Bc, w = _flat(x, dt), _flat(gy, dt), _to(Bcat, dt), _to(weight, dt)   # (T, in), (T, out), (D, m)
+        LQ = _to(_lq(lam, gam, A), dt) if need_x else None              # (m, k)
         gx = glam = ggam = None
         by_weight = ctx.materialise and x2.shape[0] >= Bc.shape[0]     # H from G if T >= D, else tokens
         G = gy2.T @ x2 if need_w or (by_weight and (need_lam or need_gam)) else None   # (out, in)
@@ -182,9 +185,9 @@ class RandLoRAFunction(torch.autograd.Function):
         elif need_x:                                                    # through the factors
             gyW = None if w is None else gy2 @ w                        # (T, in)
             gx = _addmm(gyW, gy2 @ LQ.T, Bc.T, s) if tr else _addmm(gyW, Z, LQ, s)
-        gx = gx.reshape(x.shape).to(x.dtype) if need_x else None
-        gw = G.to(weight.dtype) if need_w else None
-        gb = gy2.sum(0).to(bias.dtype) if need_b else None              # (out,)
+        gx = _to(gx if x.dim() == 2 else gx.reshape(x.shape), x.dtype) if need_x else None
+        gw = _to(G, weight.dtype) if need_w else None
+        gb = _to(gy2.sum(0), bias.dtype) if need_b else None            # (out,)
         return gx, gw, gb, glam, ggam, None, None, None, None, None
 
 class RandLoRAWeightFunction(torch.autograd.Function):
