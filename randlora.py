@@ -149,7 +149,7 @@ def _scaling_grads(H, A, lam, gam, s):
 class RandLoRAFunction(torch.autograd.Function):
     """y = x W^T + bias + x DeltaW^T. Saves x and references to W, bias, lam, gam, A, Bcat, which
     exist anyway; DeltaW, W + DeltaW, the weight gradient and the (T, m) projections are recomputed
-    in backward. `weight=None`: the update branch alone. Each path has one fixed backward."""
+    in backward. `weight=None`: the update branch alone. The path is the caller's (layer.chosen_path)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
