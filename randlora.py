@@ -633,13 +633,16 @@ def _is_plain(d) -> bool:
     return sum(len(x) for x in cells if type(x) is str) <= 2**20 and all(
         type(x) in (str, bool, float) or type(x) is int and abs(x) <= 2**64 for x in cells)
 
+def _header(model) -> dict:
+    """A checkpoint's plain part: format version, config, and each layer's [out, in]."""
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(adapter_config(model)).items()}
+    shapes = {n: list(w.shape[::-1] if u.fan_in_fan_out else w.shape) for n, (u, w) in adapters(model).items()}
+    return {"format_version": FORMAT_VERSION, "config": config, "shapes": shapes}
+
 def adapter_state_dict(model) -> dict:
     """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r),
     "<name>.gam": (n, k), ..}}: plain types and tensors, which torch.load(weights_only=True) reads."""
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(adapter_config(model)).items()}
-    shapes = {n: list(w.shape[::-1] if u.fan_in_fan_out else w.shape) for n, (u, w) in adapters(model).items()}
-    tensors = {key: p.detach().cpu().clone() for key, p in _saved(model).items()}
-    return {"format_version": FORMAT_VERSION, "config": config, "shapes": shapes, "tensors": tensors}
+    return {**_header(model), "tensors": {key: p.detach().cpu().clone() for key, p in _saved(model).items()}}
 
 def _digest(state) -> str:
     """sha256 of config, shapes and each tensor's name, dtype, shape and bytes (once validated)."""
@@ -653,7 +656,7 @@ def load_adapter_state_dict(model, state, sha256=None) -> None:
     """Load into a model patched with the same config and layer shapes. Every entry is checked,
     shapes before values, before any is copied; errors quote the model's values, never the
     checkpoint's objects (whose repr can cost anything)."""
-    want, params = adapter_state_dict(model), _saved(model)
+    want, params = _header(model), _saved(model)                      # no copy of the tensors
     if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
         raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
     version, saved, tensors = state["format_version"], state["config"], state["tensors"]
