@@ -27,17 +27,16 @@ rank k, so U has, though each term has rank r; LoRA's B A has rank r, so by Ecka
 error on a target update is at least sqrt(sum_{i>r} sigma_i^2) (eq. 8). At init the gam_b are
 equal (U has rank r until training separates them), and a zero column of a sparse A is one of U.
 
-Cost. The autograd function saves only x and recomputes the rest. A layer either materialises
-W + DeltaW (backward forms it again for x's gradient) or projects the tokens through the
-factors; lam's and gam's gradients come from H = Bcat^T G, the weight gradient G = gy^T x
-(TDk + Dkm), or, cheaper while T < D, from the tokens projected through Bcat (TDm + Tkm).
-In multiply-adds per layer (tr = 1 if in > out):
+Cost. The autograd function saves only x. A layer either materialises W + DeltaW (formed again
+in backward for x's gradient) or projects the tokens through the factors. lam's and gam's
+gradients come from H = Bcat^T G (m, k), G = gy^T x the weight gradient (TDk + Dkm), or while
+T < D from the tokens projected through Bcat (TDm + Tkm). Multiply-adds (tr = 1 if in > out):
 
     inference   materialised  TDk + Dkm          factored  TDk + TDm + Tkm
     training    materialised  2TDk + 2Dkm + H    factored  2TDk + (2 + tr) TDm + 3Tkm
 
-so it materialises from T >= Dkm / (Dm + km) (inference) or 2Dkm / ((1 + tr) Dm + 2km) (training,
-always below D): thresholds of the layer's shape, computed once when the layer is built.
+so a layer materialises from T >= Dkm / (Dm + km) (inference) or 2Dkm / ((1 + tr) Dm + 2km)
+(training, always below D): thresholds of its shape, computed once when it is built.
 
 References
     [1] Albert et al., RandLoRA: Full-rank parameter-efficient fine-tuning of large models,
@@ -123,8 +122,7 @@ def _lq(lam, gam, A):
     """LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)] (m, k): U = s Bcat LQ."""
     return (lam.unsqueeze(2) * gam.unsqueeze(1) * A).view(-1, A.shape[1])   # (n, r, k) -> (m, k)
 
-def _addmm(base, L, R, s):
-    """base + s L R, or s L R when base is None."""
+def _addmm(base, L, R, s):                                              # base + s L R (s L R if no base)
     return torch.mm(L, R).mul_(s) if base is None else torch.addmm(base, L, R, alpha=s)
 
 def _delta(Bcat, LQ, s, transposed, base=None):
@@ -132,12 +130,10 @@ def _delta(Bcat, LQ, s, transposed, base=None):
     of eq. 4 that delta_weight(), merge and the autograd functions share."""
     return _addmm(base, LQ.T, Bcat.T, s) if transposed else _addmm(base, Bcat, LQ, s)
 
-def _to(t, dt):
-    """t in dtype dt; skips the call where it already is (a no-op .to() still costs ~1 us)."""
+def _to(t, dt):                                 # t in dtype dt, skipping a no-op .to() (it costs ~1 us)
     return t if t is None or t.dtype is dt else t.to(dt)
 
-def _flat(t, dt):
-    """t as (T, features) in dtype dt, with no op where it already is."""
+def _flat(t, dt):                               # t as (T, features) in dtype dt, with no op where it is
     return _to(t if t.dim() == 2 else t.reshape(-1, t.shape[-1]), dt)
 
 def _scaling_grads(H, A, lam, gam, s):
@@ -283,10 +279,6 @@ class RandLoRA(_Update):
     def extra_repr(self):
         return f"k={self.k}, D={self.D}, r={self.r}, n={self.n}, scale={self.scale:g}, merged={self.merged}"
 
-    def bases(self):
-        """This layer's views (A (r, k), B (n, D, r)) of the model's shared bases (B_b = B[b])."""
-        return self.A, self._shared.B[: self.n, : self.D]
-
     def delta_weight(self, at_merge=False) -> torch.Tensor:
         """DeltaW in the base weight's layout ((in, out) for a Conv1D); `at_merge`: as last merged."""
         lam, gam = (self.lam_merged, self.gam_merged) if at_merge else (self.lam, self.gam)
@@ -340,7 +332,7 @@ class RandLoRALinear(RandLoRA):
     def forward(self, x):
         W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
         if self.merged or self.disabled:
-            return self.base_layer(x) if self.disabled else F.linear(x, W, self.bias)
+            return self.synced_base()(x) if self.disabled else F.linear(x, W, self.bias)
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point input, got {x.dtype}")
         mat = self.chosen_path(x.numel() // x.shape[-1], torch.is_grad_enabled()) == "materialised"
@@ -356,7 +348,7 @@ class LoRALinear(LoRA):
 
     def forward(self, x):
         if self.disabled:
-            return self.base_layer(x)
+            return self.synced_base()(x)                                # the module it replaced
         y = F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)   # (..., out)
         if self.merged:
             return y
@@ -383,16 +375,14 @@ def _require_module(model):
 
 def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
     real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    for ok, error, message in (
-            (type(r) is int, TypeError, f"r must be an int, got {type(r).__name__}"),
-            (type(r) is not int or r >= 1, ValueError, f"r must be >= 1, got {r}"),
-            (real(alpha) and alpha != 0, ValueError, f"alpha must be a finite non-zero number, got {alpha!r}"),
-            (real(dropout) and 0 <= dropout < 1, ValueError, f"dropout must be a number in [0, 1), got {dropout!r}"),
-            (type(seed) is int, TypeError, f"seed must be an int, got {seed!r}"),
-            (type(seed) is not int or -2**63 <= seed < 2**64, ValueError, "seed must lie in [-2**63, 2**64)"),
-            (basis in BASES, ValueError, f"unknown basis {basis!r}; choose one of {BASES}")):
+    if type(r) is not int or type(seed) is not int:
+        raise TypeError(f"r and seed must be ints, got r={r!r}, seed={seed!r}")
+    for ok, message in ((r >= 1, f"r must be >= 1, got {r}"), (-2**63 <= seed < 2**64, "seed must lie in [-2**63, 2**64)"),
+                        (real(alpha) and alpha != 0, f"alpha must be a finite non-zero number, got {alpha!r}"),
+                        (real(dropout) and 0 <= dropout < 1, f"dropout must be a number in [0, 1), got {dropout!r}"),
+                        (basis in BASES, f"unknown basis {basis!r}; choose one of {BASES}")):
         if not ok:
-            raise error(message)
+            raise ValueError(message)
 
 def _unpatchable(m: nn.Module, parents: list) -> str | None:
     """Why a layer put in m's place would not compute what m computes; None if it would."""
@@ -544,8 +534,7 @@ def trainable_parameters(model) -> int:
 def _shifted(u, w, merge: bool) -> torch.Tensor:
     """W + DeltaW (merge), or W - the DeltaW of the last merge (unmerge)."""
     dt = torch.promote_types(w.dtype, torch.float32)
-    dw = u.delta_weight(at_merge=not merge).to(dt)
-    return (w.to(dt) + dw if merge else w.to(dt) - dw).to(w.dtype)
+    return w.to(dt).add(u.delta_weight(at_merge=not merge).to(dt), alpha=1 if merge else -1).to(w.dtype)
 
 @torch.no_grad()
 def _set_merged(model, merged: bool) -> int:
@@ -581,11 +570,9 @@ def unmerge(model) -> int:
     return _set_merged(model, False)
 
 def unload(model) -> nn.Module:
-    """Merge, then give the plain model back: every patched layer becomes its original module
-    (nn.Linear, Conv1D; a raw weight loses its parametrization), the bases go, and
-    model.state_dict() has exactly the base model's keys. Parameters stay frozen. Refuses,
-    changing nothing, where merging would be wrong (tied weights)."""
-    merge(model)
+    """Merge, then give the plain model back, whose state_dict() has exactly the base model's keys:
+    patched layers become their original modules, raw weights lose their parametrization."""
+    merge(model)                                                        # refuses tied weights
     for name, (u, w) in adapters(model).items():
         if isinstance(u, (RandLoRALinear, LoRALinear)):
             _replace(model, u, u.synced_base())
@@ -597,15 +584,13 @@ def unload(model) -> nn.Module:
 @contextlib.contextmanager
 def disable_adapters(model):
     """Inside: the base model's function (bit for bit if unmerged, within one unmerge's rounding
-    if merged), with lam and gam (LoRA's factors) not requiring grad. After: all as before."""
+    if merged), with the trainables not requiring grad. After: all as before."""
     ups = [u for u, _ in adapters(model).values()]
     merged, grads = any(u.merged for u in ups), {p: p.requires_grad for u in ups for p in _trainables(u).values()}
     unmerge(model)
     try:
         for u in ups:
             u.disabled = True
-            if isinstance(u, (RandLoRALinear, LoRALinear)):             # it runs its original module
-                u.synced_base()
         for p in grads:
             p.requires_grad_(False)
         yield model
@@ -616,7 +601,6 @@ def disable_adapters(model):
             p.requires_grad_(wanted)
         if merged:
             merge(model)
-
 # ----------------------------------------------------------------------------------------
 # Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases.
 
@@ -653,17 +637,18 @@ def _digest(state) -> str:
     return h.hexdigest()
 
 def load_adapter_state_dict(model, state, sha256=None) -> None:
-    """Load into a model patched with the same config and layer shapes. Every entry is checked,
-    shapes before values, before any is copied; errors quote the model's values, never the
-    checkpoint's objects (whose repr can cost anything)."""
+    """Load into a model patched with the same config and layer shapes. Everything is checked,
+    shapes before values, before anything is copied; errors never repr the checkpoint's objects."""
     want, params = _header(model), _saved(model)                      # no copy of the tensors
+    if any(u.merged for u, _ in adapters(model).values()):
+        raise ValueError("the model is merged; call unmerge(model) before loading adapters")
     if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
         raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
-    version, saved, tensors = state["format_version"], state["config"], state["tensors"]
-    if type(version) is not int or version != FORMAT_VERSION:                # never repr a file's object
+    if type(state["format_version"]) is not int or state["format_version"] != FORMAT_VERSION:
         raise ValueError(f"checkpoint format is not {FORMAT_VERSION}. Files of format 1 were trained with s = "
                          "alpha / r and gam from 1/k; this file applies s = alpha / (r sqrt(n)) and gam from 1/D, "
                          "so retrain, or load them with the version that wrote them")
+    saved, tensors = state["config"], state["tensors"]
     if not _is_plain(saved) or not isinstance(tensors, dict):
         raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
     for key in [k for k in ("method", "r", "alpha", "basis", "seed") if saved.get(k) != want["config"][k]]:
@@ -684,8 +669,6 @@ def load_adapter_state_dict(model, state, sha256=None) -> None:
         if t.shape != p.shape or not torch.isfinite(t.to(p.dtype)).all():    # finite after the cast
             raise ValueError(f"checkpoint entry {key!r} has shape {tuple(t.shape)} (or non-finite values); "
                              f"the model expects {tuple(p.shape)}")
-    if any(u.merged for u, _ in adapters(model).values()):
-        raise ValueError("the model is merged; call unmerge(model) before loading adapters")
     if sha256 is not None and _digest(state) != sha256:
         raise ValueError("adapter checkpoint fails its sha256 check: it changed after save_adapter wrote it")
     with torch.no_grad():
@@ -699,33 +682,30 @@ def save_adapter(model, path) -> None:
     torch.save({**state, "sha256": _digest(state)}, path)
 
 def load_adapter(model, path) -> None:
-    """torch.load(weights_only=True) (no arbitrary unpickling) of a file that fits what this
-    model's adapter can need (8 bytes an entry, or 16 per model parameter for a model without
-    adapters, plus 1 MiB), with zip records stored as torch.save writes them, then the checks of
-    load_adapter_state_dict and the sha256. A model without adapters is first patched from the
-    file's config, and unpatched again if loading fails. A bad file is a ValueError."""
+    """torch.load(weights_only=True) of a file no larger than this model's adapter can need (8
+    bytes an entry, or 16 per model parameter for a model without adapters, plus 1 MiB), its zip
+    records stored uncompressed, then load_adapter_state_dict's checks and the sha256. A model
+    without adapters is patched from the file's config first, and unpatched if loading fails."""
     _require_module(model)
     patched = any(isinstance(m, SharedBases) for m in model.modules())
-    need = sum(p.numel() for p in _saved(model).values()) if patched else 2 * sum(p.numel() for p in model.parameters())
-    limit = 8 * need + 2**20
+    limit = 8 * (sum(p.numel() for p in _saved(model).values()) if patched else
+                 2 * sum(p.numel() for p in model.parameters())) + 2**20
+    if os.path.getsize(path) > limit:                                   # before its zip directory is read
+        raise ValueError(f"adapter checkpoint {str(path)!r} is larger than the {limit} bytes this model's adapter can need")
     try:
-        if os.path.getsize(path) > limit:                               # before its zip directory is read
-            raise ValueError(f"the file is larger than the {limit} bytes this model's adapter can need")
         records = zipfile.ZipFile(path).infolist()
         if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > limit:
             raise ValueError(f"its records are compressed or unpack to more than {limit} bytes")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        config = state.get("config") if isinstance(state, dict) else None
-        if not patched and (not _is_plain(config) or set(config) != {f.name for f in fields(AdapterConfig)}
-                            or config["method"] not in ("randlora", "lora")):
-            raise ValueError("its config is not one written by adapter_state_dict(), so nothing to patch from")
-    except FileNotFoundError:
-        raise
     except Exception as e:                                             # truncated, tampered, not torch
         raise ValueError(f"could not read adapter checkpoint {str(path)!r}: the file is damaged or not "
                          f"written by save_adapter ({type(e).__name__}: {str(e)[:200]})") from None
+    config = state.get("config") if isinstance(state, dict) else None
     grads = {p: p.requires_grad for p in model.parameters()}
     try:
+        if not patched and (not _is_plain(config) or set(config) != {f.name for f in fields(AdapterConfig)}
+                            or config["method"] not in ("randlora", "lora")):
+            raise ValueError(f"adapter checkpoint {str(path)!r} has no config written by adapter_state_dict() to patch from")
         if not patched:
             _patch(model, AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in config.items()}))
         load_adapter_state_dict(model, state, state.pop("sha256", None) if isinstance(state, dict) else None)
