@@ -126,8 +126,7 @@ def _addmm(base, L, R, s):                                              # base +
     return torch.mm(L, R).mul_(s) if base is None else torch.addmm(base, L, R, alpha=s)
 
 def _delta(Bcat, LQ, s, transposed, base=None):
-    """DeltaW = s Bcat LQ in (out, in) layout, added to `base` if given: the one implementation
-    of eq. 4 that delta_weight(), merge and the autograd functions share."""
+    """(base +) DeltaW = s Bcat LQ, (out, in): eq. 4's one implementation, which all others call."""
     return _addmm(base, LQ.T, Bcat.T, s) if transposed else _addmm(base, Bcat, LQ, s)
 
 def _to(t, dt):                                 # t in dtype dt, skipping a no-op .to() (it costs ~1 us)
@@ -187,9 +186,8 @@ class RandLoRAFunction(torch.autograd.Function):
         return gx, gw, gb, glam, ggam, None, None, None, None, None
 
 class RandLoRAWeightFunction(torch.autograd.Function):
-    """W + DeltaW for a raw weight adapted through target_parameters. Saves references to lam,
-    gam, A, Bcat only; LQ (m, k), which autograd of delta_weight() would keep for every such
-    weight, is recomputed in backward, which needs only the weight gradient G (out, in)."""
+    """W + DeltaW for a raw weight adapted through target_parameters. Saves references only: LQ (m, k),
+    which autograd of delta_weight() would keep per weight, is formed again from G (out, in) in backward."""
 
     @staticmethod
     def forward(ctx, weight, lam, gam, A, Bcat, scale, transposed):
@@ -208,9 +206,8 @@ class RandLoRAWeightFunction(torch.autograd.Function):
         return (G if ctx.needs_input_grad[0] else None), glam, ggam, None, None, None, None
 
 # ----------------------------------------------------------------------------------------
-# Layers. RandLoRA and LoRA are the updates of one frozen weight; used directly they are
-# parametrizations (forward(W) = W + DeltaW). The *Linear subclasses own an nn.Linear's (or
-# Conv1D's) frozen weight and bias and compute the whole layer from x.
+# Layers. RandLoRA and LoRA, the updates of one frozen weight, are parametrizations (W -> W + DeltaW);
+# their *Linear subclasses own an nn.Linear's (or Conv1D's) frozen weight and bias and map x to y.
 
 def _param_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)             # fp32 masters for bf16/fp16
@@ -236,10 +233,9 @@ class _Update(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         keep = {k: getattr(self, k).data for n in _trainables(self) for k in (n, n + "_merged")}
         super()._apply(fn, *args, **kwargs)
-        for k, before in keep.items():                                  # moved, but not narrowed
-            t = getattr(self, k)
-            if t.dtype != _param_dtype(t):
-                t.data = before.to(t.device)
+        for k, before in keep.items():                                  # moved, but kept float32 or wider
+            if getattr(self, k).element_size() < 4:
+                getattr(self, k).data = before.to(getattr(self, k).device)
         return self
 
     def _adopt(self, base: nn.Module, dropout: float):                 # *Linear: share W and bias
@@ -483,19 +479,16 @@ def _patch(model, c: AdapterConfig) -> list:
 
 def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0, target_parameters=(),
                  trainable=()) -> list:
-    """Patch `model` in place: every nn.Linear / Conv1D whose qualified name matches one of
-    `target_modules` (exactly, or as a dotted suffix: "attn.qkv" matches "blocks.0.attn.qkv")
-    becomes a RandLoRALinear, every 2-D Parameter matching `target_parameters` (e.g.
-    "in_proj_weight" of nn.MultiheadAttention) gets a RandLoRA parametrization, and every other
-    parameter is frozen, but those of the modules named in `trainable` (e.g. a new head), which
-    adapter checkpoints carry too. Returns the adapted names. On bad input raises, changes nothing."""
-    return _patch(model, AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters,
-                                       trainable))
+    """Patch `model` in place: each nn.Linear / Conv1D named in `target_modules` (exactly, or by a dotted
+    suffix: "attn.qkv" matches "blocks.0.attn.qkv") becomes a RandLoRALinear, each 2-D Parameter named in
+    `target_parameters` (e.g. "in_proj_weight") gets a RandLoRA parametrization; all else is frozen but
+    the modules named in `trainable` (a new head), which checkpoints carry too. Returns the adapted names;
+    on bad input raises, changing nothing."""
+    return _patch(model, AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable))
 
 def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=(), trainable=()) -> list:
     """The LoRA baseline with the same targeting, freezing and errors as add_randlora."""
-    return _patch(model, AdapterConfig("lora", r, alpha, "none", seed, dropout, target_modules, target_parameters,
-                                       trainable))
+    return _patch(model, AdapterConfig("lora", r, alpha, "none", seed, dropout, target_modules, target_parameters, trainable))
 
 def adapters(model) -> dict:
     """{adapted name: (update module, frozen base weight Parameter)} in model order."""
@@ -645,9 +638,8 @@ def load_adapter_state_dict(model, state, sha256=None) -> None:
     if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
         raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
     if type(state["format_version"]) is not int or state["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"checkpoint format is not {FORMAT_VERSION}. Files of format 1 were trained with s = "
-                         "alpha / r and gam from 1/k; this file applies s = alpha / (r sqrt(n)) and gam from 1/D, "
-                         "so retrain, or load them with the version that wrote them")
+        raise ValueError(f"checkpoint format is not {FORMAT_VERSION}; files of format 1 were trained with s = alpha / r, gam "
+                         "from 1/k, and this applies alpha / (r sqrt(n)), 1/D: retrain, or use the version that wrote it")
     saved, tensors = state["config"], state["tensors"]
     if not _is_plain(saved) or not isinstance(tensors, dict):
         raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
