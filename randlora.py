@@ -267,10 +267,13 @@ class RandLoRA(_Update):
         self.refresh_views()
         self._init_state()
 
-    def refresh_views(self):
-        """Views A (r, k) and Bcat (D, m) of the shared bases, made once (and on a move)."""
-        self.A = self._shared.A[:, : self.k]                                           # (r, k)
-        self.Bcat = self._shared.B[: self.n, : self.D].transpose(0, 1).reshape(self.D, -1)  # (D, m), a view
+    def refresh_views(self, if_stale=False):
+        """Views A (r, k) and Bcat (D, m) of the shared bases, made once and on a move; `if_stale`: only
+        if the buffers were moved or cast by assigning .data (as FSDP does), which no module hook sees."""
+        B = self._shared.B                                              # (n_max, D_max, r)
+        if not if_stale or self.Bcat.device != B.device or self.Bcat.dtype != B.dtype:
+            self.A = self._shared.A[:, : self.k]                                # (r, k)
+            self.Bcat = B[: self.n, : self.D].transpose(0, 1).reshape(self.D, -1)  # (D, m), a view
 
     def extra_repr(self):
         return f"k={self.k}, D={self.D}, r={self.r}, n={self.n}, scale={self.scale:g}, merged={self.merged}"
@@ -285,6 +288,7 @@ class RandLoRA(_Update):
     def forward(self, W):                                               # as a parametrization
         if self.merged or self.disabled:
             return W
+        self.refresh_views(if_stale=True)
         return RandLoRAWeightFunction.apply(W, self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed)
 
 class LoRA(_Update):
@@ -331,6 +335,7 @@ class RandLoRALinear(RandLoRA):
             return self.synced_base()(x) if self.disabled else F.linear(x, W, self.bias)
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point input, got {x.dtype}")
+        self.refresh_views(if_stale=True)
         mat = self.chosen_path(x.numel() // x.shape[-1], torch.is_grad_enabled()) == "materialised"
         args = (self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed, mat)
         if self.training and self.dropout.p > 0:                       # the update sees other x

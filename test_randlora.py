@@ -414,6 +414,23 @@ def test_bases_are_shared_views_even_after_to():
     assert "A" not in str(list(model.state_dict()))                      # never in checkpoints
 
 
+def test_layers_follow_bases_that_fsdp_moves_by_assigning_data():
+    """FSDP (1 and 2) moves and casts buffers with `buffer.data = buffer.to(...)`, which no module hook
+    sees; each layer views the bases again at its next call, as the model's own .to() would have it."""
+    model = nn.Sequential(nn.Linear(6, 10), nn.MultiheadAttention(10, 2, batch_first=True))
+    R.add_randlora(model, ["0"], 2, 4.0, target_parameters=["1.in_proj_weight"])
+    shared = model[0].shared_bases
+    for t in shared.buffers():                                              # as FSDP's _move_states_to_device
+        t.data = t.to(torch.float64)
+    x = torch.randn(3, 6)
+    h = model[0](x)
+    model[1](h, h, h)
+    for u, _ in R.adapters(model).values():
+        assert u.A.dtype == u.Bcat.dtype == torch.float64
+        assert {t.untyped_storage().data_ptr() for t in (u.A, u.Bcat)} == {
+            t.untyped_storage().data_ptr() for t in (shared.A, shared.B)}   # views of the moved buffers
+
+
 def test_bases_do_not_depend_on_the_model_dtype():
     A32, B32 = R.make_bases(4, 24, 48, "uniform", 7)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
