@@ -90,17 +90,16 @@ def _sample(shape, basis: str, D_max: int, gen: torch.Generator) -> torch.Tensor
     return math.sqrt(s) * ((u < 0.5 / s).float() - (u >= 1 - 0.5 / s).float())
 
 def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int = 0):
-    """A_full (r, k_max) and B_full (n_max, D_max, r), float32, bit-identical for a seed on any
-    hardware: drawn on the CPU from their own generator (A first, then B). B_full is stored
-    D-major, so that every layer's Bcat (D, m) is a view, not a copy."""
+    """A_full (r, k_max) and B_full (n_max, D_max, r), float32, the same bits for a seed on any hardware (drawn
+    on the CPU from their own generator, A first). B_full is D-major: each layer's Bcat (D, m) is a view."""
     gen = torch.Generator("cpu").manual_seed(seed)
     A = _sample((r, k_max), basis, D_max, gen)                          # (r, k_max)
     B = _sample((math.ceil(k_max / r), D_max, r), basis, D_max, gen)    # (n_max, D_max, r)
     return A, B.transpose(0, 1).contiguous().transpose(0, 1)           # strides (r, n_max r, 1)
 
 class SharedBases(nn.Module):
-    """A_full and B_full, once per model, as non-persistent buffers: `model.to()` converts them
-    once and checkpoints never hold them. Layers keep plain views, refreshed here on a move."""
+    """A_full and B_full, once per model, as non-persistent buffers (moved once by `model.to()`, never
+    saved). Layers keep plain views of them, refreshed here on a move."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, config: AdapterConfig):
         super().__init__()
@@ -131,6 +130,9 @@ def _delta(Bcat, LQ, s, transposed, base=None):
 
 def _to(t, dt):                                 # t in dtype dt, skipping a no-op .to() (it costs ~1 us)
     return t if t is None or t.dtype is dt else t.to(dt)
+
+def _wide(dt):                                  # float32, or dt where wider: masters and merges
+    return torch.promote_types(dt, torch.float32)
 
 def _flat(t, dt):                               # t as (T, features) in dtype dt, with no op where it is
     return _to(t if t.dim() == 2 else t.reshape(-1, t.shape[-1]), dt)
@@ -193,14 +195,14 @@ class RandLoRAWeightFunction(torch.autograd.Function):
     def forward(ctx, weight, lam, gam, A, Bcat, scale, transposed):
         ctx.save_for_backward(lam, gam, A, Bcat)
         ctx.scale, ctx.transposed = scale, transposed
-        dt = torch.promote_types(weight.dtype, torch.float32)           # float32 or wider, rounded once
+        dt = _wide(weight.dtype)                                        # rounded once, at the end
         LQ = _lq(lam, gam, A).to(dt)                                    # (m, k)
         return _delta(Bcat.to(dt), LQ, scale, transposed, weight.to(dt)).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, G):
         lam, gam, A, Bcat = ctx.saved_tensors
-        dt = torch.promote_types(G.dtype, torch.float32)
+        dt = _wide(G.dtype)
         H = Bcat.to(dt).T @ (G.T if ctx.transposed else G).to(dt)     # (m, k) = Bcat^T G_U
         glam, ggam = _scaling_grads(H, A, lam, gam, ctx.scale)          # (n, r), (n, k)
         return (G if ctx.needs_input_grad[0] else None), glam, ggam, None, None, None, None
@@ -208,9 +210,6 @@ class RandLoRAWeightFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 # Layers. RandLoRA and LoRA, the updates of one frozen weight, are parametrizations (W -> W + DeltaW);
 # their *Linear subclasses own an nn.Linear's (or Conv1D's) frozen weight and bias and map x to y.
-
-def _param_dtype(weight: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(weight.dtype, torch.float32)             # fp32 masters for bf16/fp16
 
 def _trainables(u) -> dict:
     return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
@@ -220,11 +219,13 @@ class _Update(nn.Module):
     trainables it merged with, `<name>_merged`): unmerge takes out what merge put in even if an
     optimizer moved them since. The trainables stay float32 masters through model.half()."""
 
-    def _init_state(self):
-        self.merged = self.disabled = False
+    def __init__(self, fan_in_fan_out: bool, **trainables):
+        super().__init__()
+        self.fan_in_fan_out, self.merged, self.disabled = fan_in_fan_out, False, False
         self.register_buffer("merged_flag", torch.tensor(False))
-        for name, p in _trainables(self).items():
-            self.register_buffer(name + "_merged", torch.zeros_like(p))
+        for name, t in trainables.items():                              # and what the last merge used
+            setattr(self, name, nn.Parameter(t))
+            self.register_buffer(name + "_merged", torch.zeros_like(t))
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -251,21 +252,18 @@ class RandLoRA(_Update):
     Used directly it is a parametrization of a raw weight: forward(W) = W + DeltaW."""
 
     def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False):
-        super().__init__()
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
         k, D, tr = min(in_f, out_f), max(in_f, out_f), in_f > out_f
         n, m = math.ceil(k / r), math.ceil(k / r) * r
-        self.k, self.D, self.r, self.n, self.transposed, self.fan_in_fan_out = k, D, r, n, tr, fan_in_fan_out
-        self.scale = alpha / (r * math.sqrt(n))
+        kw = dict(device=weight.device, dtype=_wide(weight.dtype))     # float32 masters for bf16/fp16
+        super().__init__(fan_in_fan_out, lam=torch.zeros(n, r, **kw),  # (n, r)
+                         gam=torch.full((n, k), 1 / D, **kw))          # (n, k)
+        self.k, self.D, self.r, self.n, self.transposed, self.scale = k, D, r, n, tr, alpha / (r * math.sqrt(n))
         self.thresholds = (math.ceil(D * k * m / (D * m + k * m)),     # (inference, training): docstring
                            math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m)))
-        kw = dict(device=weight.device, dtype=_param_dtype(weight))
-        self.lam = nn.Parameter(torch.zeros(self.n, r, **kw))              # (n, r)
-        self.gam = nn.Parameter(torch.full((self.n, self.k), 1 / self.D, **kw))  # (n, k)
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
         bases.layers.append(self)
         self.refresh_views()
-        self._init_state()
 
     def refresh_views(self):
         """Views A (r, k) and Bcat (D, m) of the shared bases, made once (and on a move)."""
@@ -292,14 +290,11 @@ class LoRA(_Update):
     (r, in) uniform with bound 1/sqrt(in) (LoRA's usual init), from a seeded generator."""
 
     def __init__(self, weight, r, alpha, gen: torch.Generator, fan_in_fan_out=False):
-        super().__init__()
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
-        self.r, self.scale, self.fan_in_fan_out = r, alpha / r, fan_in_fan_out
-        kw = dict(device=weight.device, dtype=_param_dtype(weight))
+        kw = dict(device=weight.device, dtype=_wide(weight.dtype))
         a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)
-        self.lora_A = nn.Parameter(a.to(**kw))                         # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))        # (out, r)
-        self._init_state()
+        super().__init__(fan_in_fan_out, lora_A=a.to(**kw), lora_B=torch.zeros(out_f, r, **kw))   # (r, in), (out, r)
+        self.r, self.scale = r, alpha / r
 
     def delta_weight(self, at_merge=False) -> torch.Tensor:
         B, A = (self.lora_B_merged, self.lora_A_merged) if at_merge else (self.lora_B, self.lora_A)
@@ -526,7 +521,7 @@ def trainable_parameters(model) -> int:
 
 def _shifted(u, w, merge: bool) -> torch.Tensor:
     """W + DeltaW (merge), or W - the DeltaW of the last merge (unmerge)."""
-    dt = torch.promote_types(w.dtype, torch.float32)
+    dt = _wide(w.dtype)
     return w.to(dt).add(u.delta_weight(at_merge=not merge).to(dt), alpha=1 if merge else -1).to(w.dtype)
 
 @torch.no_grad()
@@ -580,20 +575,20 @@ def disable_adapters(model):
     if merged), with the trainables not requiring grad. After: all as before."""
     ups = [u for u, _ in adapters(model).values()]
     merged, grads = any(u.merged for u in ups), {p: p.requires_grad for u in ups for p in _trainables(u).values()}
+    def switch(off: bool):
+        for u in ups:
+            u.disabled = off
+        for p, wanted in grads.items():
+            p.requires_grad_(wanted and not off)
     unmerge(model)
     try:
-        for u in ups:
-            u.disabled = True
-        for p in grads:
-            p.requires_grad_(False)
+        switch(off=True)
         yield model
     finally:
-        for u in ups:
-            u.disabled = False
-        for p, wanted in grads.items():
-            p.requires_grad_(wanted)
+        switch(off=False)
         if merged:
             merge(model)
+
 # ----------------------------------------------------------------------------------------
 # Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases.
 
