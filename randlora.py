@@ -44,8 +44,6 @@ References
     [2] Li, Hastie, Church, Very sparse random projections, KDD 2006 (ternary bases).
     [3] Hu et al., LoRA: Low-rank adaptation of large language models, ICLR 2022.
 """
-from __future__ import annotations
-
 import contextlib
 import hashlib
 import math
@@ -368,25 +366,26 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
     real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if type(r) is not int or type(seed) is not int:
         raise TypeError(f"r and seed must be ints, got r={r!r}, seed={seed!r}")
-    for ok, message in ((r >= 1, f"r must be >= 1, got {r}"), (-2**63 <= seed < 2**64, "seed must lie in [-2**63, 2**64)"),
+    for ok, message in ((r >= 1, f"r must be >= 1, got {r}"),
+                        (-2**63 <= seed < 2**64, "seed must lie in [-2**63, 2**64)"),
                         (real(alpha) and alpha != 0, f"alpha must be a finite non-zero number, got {alpha!r}"),
                         (real(dropout) and 0 <= dropout < 1, f"dropout must be a number in [0, 1), got {dropout!r}"),
                         (basis in BASES, f"unknown basis {basis!r}; choose one of {BASES}")):
         if not ok:
             raise ValueError(message)
 
-def _unpatchable(m: nn.Module, parents: list) -> str | None:
-    """Why a layer put in m's place would not compute what m computes; None if it would."""
-    reader = next((p for p in parents if isinstance(p, (nn.MultiheadAttention, nn.TransformerEncoderLayer))), None)
-    if reader is not None:
-        return f"its parent {type(reader).__name__} reads its weight directly (a fused path)"
-    if not isinstance(m.weight, nn.Parameter):
-        return "its weight is computed (weight norm or another parametrization or hook); remove that first"
-    if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
-        return f"{type(m).__name__} has its own forward, which the patched layer would replace"
-    if not isinstance(m, nn.Linear) and getattr(m, "nf", None) != m.weight.shape[-1]:
-        return "it is named Conv1D but is not Hugging Face's (weight (in, out), nf = out)"
-    return None
+def _check_patchable(name: str, m: nn.Module, parents: list):
+    """Refuse a layer that a patched layer in its place would not compute like."""
+    fused = [type(p).__name__ for p in parents if isinstance(p, (nn.MultiheadAttention, nn.TransformerEncoderLayer))]
+    for bad, why in ((fused, f"its parent {' and '.join(fused)} reads its weight directly (a fused path)"),
+                     (not isinstance(m.weight, nn.Parameter),
+                      "its weight is computed (weight norm or another parametrization or hook); remove that first"),
+                     (isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward,
+                      f"{type(m).__name__} has its own forward, which the patched layer would replace"),
+                     (not isinstance(m, nn.Linear) and getattr(m, "nf", None) != m.weight.shape[-1],
+                      "it is named Conv1D but is not Hugging Face's (weight (in, out), nf = out)")):
+        if bad:
+            raise ValueError(f"cannot patch {name!r}: {why}; use target_parameters=[{name + '.weight'!r}] instead")
 
 def _find_targets(model, mods: tuple, params: tuple) -> list:
     """[(name, kind, module, weight)]: modules, then raw parameters, each in model order; a module
@@ -402,21 +401,19 @@ def _find_targets(model, mods: tuple, params: tuple) -> list:
     for pats, pool, kind in ((mods, linear, "module"), (params, raw, "parameter")):
         for pat in [p for p in pats if not any(_matches(n, p) for n in pool)]:
             hint = f" ({pat!r} is a raw parameter: pass target_parameters)" if any(_matches(n, pat) for n in raw) else ""
-            raise ValueError(f"target {pat!r} matches no {kind}{hint}; candidates: {', '.join(list(pool)[:30]) or 'none'}")
+            names = ", ".join(list(pool)[:30]) or "none"
+            raise ValueError(f"target {pat!r} matches no {kind}{hint}; candidates: {names}")
     targets = []
     for name, m in linear.items():
         aliases = [n for n, x in every if x is m]
         if name == aliases[0] and any(_matches(a, p) for a in aliases for p in mods):
-            why = _unpatchable(m, [model.get_submodule(a.rpartition(".")[0]) for a in aliases])
-            if why:
-                raise ValueError(f"cannot patch {name!r}: {why}; adapt target_parameters=[{name + '.weight'!r}] instead")
+            _check_patchable(name, m, [model.get_submodule(a.rpartition(".")[0]) for a in aliases])
             targets.append((name, "module", m, m.weight))
-    for name, p in raw.items():
+    for name, p in [(n, p) for n, p in raw.items() if any(_matches(n, pat) for pat in params)]:
         owner = model.get_submodule(name.rpartition(".")[0])
-        if any(_matches(name, pat) for pat in params):
-            if any(t[2] is owner for t in targets):
-                raise ValueError(f"{name!r} belongs to an adapted layer; target the layer or its weight, not both")
-            targets.append((name, "parameter", owner, p))
+        if any(t[2] is owner for t in targets):
+            raise ValueError(f"{name!r} belongs to an adapted layer; target the layer or its weight, not both")
+        targets.append((name, "parameter", owner, p))
     return targets
 
 def _extra_trainables(model, patterns, targets=()) -> dict:
@@ -442,9 +439,10 @@ def _patch(model, c: AdapterConfig) -> list:
     targets = _find_targets(model, c.target_modules, c.target_parameters)
     extra = _extra_trainables(model, c.trainable, targets)
     for name, _, _, w in targets:
-        if not w.is_floating_point() or w.is_meta:
-            raise (ValueError if w.is_meta else TypeError)(f"{name!r} is {'on the meta device' if w.is_meta else w.dtype}"
-                                                           "; adapt real floating-point weights (dequantise, or load them)")
+        if w.is_meta:
+            raise ValueError(f"{name!r} is on the meta device; load the real weights before adapting them")
+        if not w.is_floating_point():
+            raise TypeError(f"{name!r} is {w.dtype}; adapt floating-point weights (dequantise them first)")
         if c.r > min(w.shape):
             raise ValueError(f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}")
     if rand:
@@ -463,7 +461,8 @@ def _patch(model, c: AdapterConfig) -> list:
         p.requires_grad_(True)
     for i, (name, kind, mod, w) in enumerate(targets):
         if kind == "module":
-            layer = RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout) if rand else LoRALinear(mod, c.r, c.alpha, gen, c.dropout)
+            layer = (RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout) if rand
+                     else LoRALinear(mod, c.r, c.alpha, gen, c.dropout))
             _replace(model, mod, layer)
         else:
             layer = RandLoRA(w, shared, c.r, c.alpha) if rand else LoRA(w, c.r, c.alpha, gen)
@@ -474,16 +473,16 @@ def _patch(model, c: AdapterConfig) -> list:
 
 def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0, target_parameters=(),
                  trainable=()) -> list:
-    """Patch `model` in place: each nn.Linear / Conv1D named in `target_modules` (exactly, or by a dotted
-    suffix: "attn.qkv" matches "blocks.0.attn.qkv") becomes a RandLoRALinear, each 2-D Parameter named in
-    `target_parameters` (e.g. "in_proj_weight") gets a RandLoRA parametrization; all else is frozen but
-    the modules named in `trainable` (a new head), which checkpoints carry too. Returns the adapted names;
-    on bad input raises, changing nothing."""
-    return _patch(model, AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable))
+    """Patch `model` in place: each nn.Linear / Conv1D named (exactly or by dotted suffix) in `target_modules`
+    becomes a RandLoRALinear, each 2-D Parameter in `target_parameters` gets a RandLoRA parametrization; all else
+    is frozen but the `trainable` modules (a head). Returns the adapted names; bad input changes nothing."""
+    c = AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable)
+    return _patch(model, c)
 
 def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=(), trainable=()) -> list:
     """The LoRA baseline with the same targeting, freezing and errors as add_randlora."""
-    return _patch(model, AdapterConfig("lora", r, alpha, "none", seed, dropout, target_modules, target_parameters, trainable))
+    c = AdapterConfig("lora", r, alpha, "none", seed, dropout, target_modules, target_parameters, trainable)
+    return _patch(model, c)
 
 def adapters(model) -> dict:
     """{adapted name: (update module, frozen base weight Parameter)} in model order."""
