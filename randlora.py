@@ -96,8 +96,7 @@ def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int
     return A, B.transpose(0, 1).contiguous().transpose(0, 1)           # strides (r, n_max r, 1)
 
 class SharedBases(nn.Module):
-    """A_full and B_full, once per model, as non-persistent buffers (moved once by `model.to()`, never
-    saved). Layers keep plain views of them, refreshed here on a move."""
+    """A_full and B_full once per model, as non-persistent buffers; refreshes the layers' views when it moves."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, config: AdapterConfig):
         super().__init__()
@@ -142,9 +141,8 @@ def _scaling_grads(H, A, lam, gam, s):
     return (HA * gam.unsqueeze(1)).sum(2), (HA * lam.unsqueeze(2)).sum(1)
 
 class RandLoRAFunction(torch.autograd.Function):
-    """y = x W^T + bias + x DeltaW^T. Saves x and references to W, bias, lam, gam, A, Bcat, which
-    exist anyway; DeltaW, W + DeltaW, the weight gradient and the (T, m) projections are recomputed
-    in backward. `weight=None`: the update branch alone. The path is the caller's (layer.chosen_path)."""
+    """y = x W^T + bias + x DeltaW^T (`weight=None`: the update alone; the path is the caller's). Saves x, and
+    references to what exists anyway; DeltaW, W + DeltaW, G and the (T, m) projections are formed in backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
@@ -213,9 +211,8 @@ def _trainables(u) -> dict:
     return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
 
 class _Update(nn.Module):
-    """What RandLoRA and LoRA share. A merge is recorded in state_dict (`merged_flag` and the
-    trainables it merged with, `<name>_merged`): unmerge takes out what merge put in even if an
-    optimizer moved them since. The trainables stay float32 masters through model.half()."""
+    """What RandLoRA and LoRA share. state_dict records a merge (`merged_flag`, `<name>_merged`): unmerge takes
+    out what merge put in, even if an optimizer moved the trainables since. They stay float32 through .half()."""
 
     def __init__(self, fan_in_fan_out: bool, **trainables):
         super().__init__()
@@ -246,8 +243,7 @@ class _Update(nn.Module):
         return self.base_layer
 
 class RandLoRA(_Update):
-    """The update of one frozen weight: lam (n, r), gam (n, k), views of the shared bases.
-    Used directly it is a parametrization of a raw weight: forward(W) = W + DeltaW."""
+    """The update of one frozen weight (lam, gam, views of the bases); alone, a parametrization W -> W + DeltaW."""
 
     def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False):
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
@@ -284,8 +280,7 @@ class RandLoRA(_Update):
         return RandLoRAWeightFunction.apply(W, self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed)
 
 class LoRA(_Update):
-    """The baseline DeltaW = s * lora_B @ lora_A, s = alpha / r, lora_B (out, r) zero, lora_A
-    (r, in) uniform with bound 1/sqrt(in) (LoRA's usual init), from a seeded generator."""
+    """The baseline DeltaW = (alpha / r) lora_B lora_A; lora_B (out, r) starts at 0, lora_A (r, in) U(+-1/sqrt(in))."""
 
     def __init__(self, weight, r, alpha, gen: torch.Generator, fan_in_fan_out=False):
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
@@ -303,8 +298,7 @@ class LoRA(_Update):
         return W if self.merged or self.disabled else W + self.delta_weight().to(W.dtype)
 
 class RandLoRALinear(RandLoRA):
-    """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the module docstring's
-    rule), or "materialised" / "factored" to force one."""
+    """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the docstring's rule), or one forced."""
 
     def __init__(self, base: nn.Module, bases: SharedBases, r, alpha, dropout=0.0):
         super().__init__(base.weight, bases, r, alpha, fan_in_fan_out=type(base).__name__ == "Conv1D")
@@ -400,7 +394,7 @@ def _find_targets(model, mods: tuple, params: tuple) -> list:
     raw = {n: p for n, p in model.named_parameters() if p.dim() == 2}
     for pats, pool, kind in ((mods, linear, "module"), (params, raw, "parameter")):
         for pat in [p for p in pats if not any(_matches(n, p) for n in pool)]:
-            hint = f" ({pat!r} is a raw parameter: pass target_parameters)" if any(_matches(n, pat) for n in raw) else ""
+            hint = " (it is a raw parameter: pass target_parameters)" if any(_matches(n, pat) for n in raw) else ""
             names = ", ".join(list(pool)[:30]) or "none"
             raise ValueError(f"target {pat!r} matches no {kind}{hint}; candidates: {names}")
     targets = []
@@ -570,8 +564,7 @@ def unload(model) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapters(model):
-    """Inside: the base model's function (bit for bit if unmerged, within one unmerge's rounding
-    if merged), with the trainables not requiring grad. After: all as before."""
+    """Inside: the base model's function (bit for bit if unmerged), trainables not requiring grad. After: as before."""
     ups = [u for u, _ in adapters(model).values()]
     merged, grads = any(u.merged for u in ups), {p: p.requires_grad for u in ups for p in _trainables(u).values()}
     def switch(off: bool):
@@ -632,8 +625,8 @@ def load_adapter_state_dict(model, state, sha256=None) -> None:
     if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
         raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
     if type(state["format_version"]) is not int or state["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"checkpoint format is not {FORMAT_VERSION}; files of format 1 were trained with s = alpha / r, gam "
-                         "from 1/k, and this applies alpha / (r sqrt(n)), 1/D: retrain, or use the version that wrote it")
+        raise ValueError(f"checkpoint format is not {FORMAT_VERSION}: format 1 had s = alpha / r and gam from 1/k, "
+                         "this one alpha / (r sqrt(n)) and 1/D; retrain, or use the version that wrote it")
     saved, tensors = state["config"], state["tensors"]
     if not _is_plain(saved) or not isinstance(tensors, dict):
         raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
@@ -646,7 +639,7 @@ def load_adapter_state_dict(model, state, sha256=None) -> None:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
     if not _is_plain(state.get("shapes")) or state["shapes"] != want["shapes"]:
         raise ValueError(f"checkpoint was saved from layers of other (out, in) shapes than this model's "
-                         f"{list(want['shapes'].items())[:5]}; load it into a model with the shapes it was trained with")
+                         f"{list(want['shapes'].items())[:5]}; load it into a model of the shapes it was trained on")
     for key, p in params.items():
         t = tensors[key]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided or t.is_meta:
@@ -662,36 +655,34 @@ def load_adapter_state_dict(model, state, sha256=None) -> None:
             p.copy_(tensors[key])
 
 def save_adapter(model, path) -> None:
-    """torch.save of adapter_state_dict and its sha256: torch.load checks no CRC of the zip's
-    records, so a flipped bit in lam or gam would otherwise load silently."""
+    """torch.save of adapter_state_dict and its sha256: torch.load checks no CRC of the zip's records."""
     state = adapter_state_dict(model)
     torch.save({**state, "sha256": _digest(state)}, path)
 
 def load_adapter(model, path) -> None:
-    """torch.load(weights_only=True) of a file no larger than this model's adapter can need (8
-    bytes an entry, or 16 per model parameter for a model without adapters, plus 1 MiB), its zip
-    records stored uncompressed, then load_adapter_state_dict's checks and the sha256. A model
-    without adapters is patched from the file's config first, and unpatched if loading fails."""
+    """torch.load(weights_only=True) of a file no larger than the model's adapter can need, its zip records
+    stored, then load_adapter_state_dict's checks and the sha256. A model without adapters is patched from
+    the file's config first, and unpatched again if loading fails."""
     _require_module(model)
-    patched = any(isinstance(m, SharedBases) for m in model.modules())
-    limit = 8 * (sum(p.numel() for p in _saved(model).values()) if patched else
-                 2 * sum(p.numel() for p in model.parameters())) + 2**20
+    patched, file = any(isinstance(m, SharedBases) for m in model.modules()), f"adapter checkpoint {str(path)!r}"
+    limit = 8 * (sum(p.numel() for p in _saved(model).values()) if patched else    # 8 bytes an entry
+                 2 * sum(p.numel() for p in model.parameters())) + 2**20          # (2 a parameter), + 1 MiB
     if os.path.getsize(path) > limit:                                   # before its zip directory is read
-        raise ValueError(f"adapter checkpoint {str(path)!r} is larger than the {limit} bytes this model's adapter can need")
+        raise ValueError(f"{file} is larger than the {limit} bytes this model's adapter can need")
     try:
         records = zipfile.ZipFile(path).infolist()
         if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > limit:
             raise ValueError(f"its records are compressed or unpack to more than {limit} bytes")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                             # truncated, tampered, not torch
-        raise ValueError(f"could not read adapter checkpoint {str(path)!r}: the file is damaged or not "
-                         f"written by save_adapter ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ValueError(f"could not read {file}: the file is damaged or not written by save_adapter "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
     config = state.get("config") if isinstance(state, dict) else None
+    if not patched and not (_is_plain(config) and set(config) == {f.name for f in fields(AdapterConfig)}
+                            and config["method"] in ("randlora", "lora")):
+        raise ValueError(f"{file} has no config written by adapter_state_dict() to patch from")
     grads = {p: p.requires_grad for p in model.parameters()}
     try:
-        if not patched and (not _is_plain(config) or set(config) != {f.name for f in fields(AdapterConfig)}
-                            or config["method"] not in ("randlora", "lora")):
-            raise ValueError(f"adapter checkpoint {str(path)!r} has no config written by adapter_state_dict() to patch from")
         if not patched:
             _patch(model, AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in config.items()}))
         load_adapter_state_dict(model, state, state.pop("sha256", None) if isinstance(state, dict) else None)
@@ -701,5 +692,5 @@ def load_adapter(model, path) -> None:
             for p, wanted in grads.items():
                 p.requires_grad_(wanted)
         if isinstance(e, (RecursionError, MemoryError)):
-            raise ValueError(f"adapter checkpoint {str(path)!r} nests too deeply or is too large to check") from None
+            raise ValueError(f"{file} nests too deeply or is too large to check") from None
         raise
