@@ -60,8 +60,7 @@ FORMAT_VERSION = 2          # 2: s = alpha / (r sqrt(n)), gam from 1/D; 1 had s 
 BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
 PATHS = ("auto", "materialised", "factored")
 
-# ----------------------------------------------------------------------------------------
-# Configuration
+# ---- Configuration ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -75,8 +74,7 @@ class AdapterConfig:
     target_parameters: tuple = ()        # qualified names (or suffixes) of raw 2-D weight Parameters
     trainable: tuple = ()                # modules left trainable and saved with the adapter (a head)
 
-# ----------------------------------------------------------------------------------------
-# Frozen random bases
+# ---- Frozen random bases ---------------------------------------------------------------
 
 def _sample(shape, basis: str, D_max: int, gen: torch.Generator) -> torch.Tensor:
     if basis == "uniform":                                   # U(-sqrt3, sqrt3): unit variance
@@ -110,9 +108,8 @@ class SharedBases(nn.Module):
             layer.refresh_views()
         return self
 
-# ----------------------------------------------------------------------------------------
-# The memory-saving autograd functions. DeltaW is formed by _delta only. H = Bcat^T G_U (m, k),
-# G_U the weight gradient in (D, k) layout, gives lam's and gam's gradients elementwise.
+# ---- The memory-saving autograd functions ----------------------------------------------
+# DeltaW is formed by _delta only; lam's and gam's gradients come from H = Bcat^T G_U (m, k), G_U the (D, k) dL/dU.
 
 def _lq(lam, gam, A):
     """LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)] (m, k): U = s Bcat LQ."""
@@ -203,9 +200,8 @@ class RandLoRAWeightFunction(torch.autograd.Function):
         glam, ggam = _scaling_grads(H, A, lam, gam, ctx.scale)          # (n, r), (n, k)
         return (G if ctx.needs_input_grad[0] else None), glam, ggam, None, None, None, None
 
-# ----------------------------------------------------------------------------------------
-# Layers. RandLoRA and LoRA, the updates of one frozen weight, are parametrizations (W -> W + DeltaW);
-# their *Linear subclasses own an nn.Linear's (or Conv1D's) frozen weight and bias and map x to y.
+# ---- Layers ----------------------------------------------------------------------------
+# RandLoRA, LoRA: the update of one weight, a parametrization W -> W + DeltaW; *Linear: an nn.Linear with it, x -> y.
 
 def _trainables(u) -> dict:
     return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
@@ -340,8 +336,7 @@ class LoRALinear(LoRA):
                          self.lora_B.to(x.dtype).T, alpha=self.scale)  # (T, out)
         return y2.reshape(y.shape)
 
-# ----------------------------------------------------------------------------------------
-# Patching
+# ---- Patching --------------------------------------------------------------------------
 
 def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
@@ -509,8 +504,7 @@ def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=())
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-# ----------------------------------------------------------------------------------------
-# Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once.
+# ---- Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once ----
 
 def _shifted(u, w, merge: bool) -> torch.Tensor:
     """W + DeltaW (merge), or W - the DeltaW of the last merge (unmerge)."""
@@ -581,8 +575,7 @@ def disable_adapters(model):
         if merged:
             merge(model)
 
-# ----------------------------------------------------------------------------------------
-# Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases.
+# ---- Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases ----
 
 def _saved(model) -> dict:
     """{checkpoint key: Parameter}: every adapter's trainables, then the `trainable` modules' ones."""
