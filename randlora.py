@@ -377,8 +377,8 @@ def _check_patchable(name: str, m: nn.Module, parents: list):
             raise ValueError(f"cannot patch {name!r}: {why}; use target_parameters=[{name + '.weight'!r}] instead")
 
 def _find_targets(model, mods: tuple, params: tuple) -> list:
-    """[(name, kind, module, weight)]: modules, then raw parameters, each in model order; a module
-    with several names is one target, under its first. Validates everything, changes nothing."""
+    """[(name, kind, module, weight)]: modules, then raw parameters, in model order (an aliased module once, under
+    its first name). Validates everything, changes nothing."""
     _require_module(model)
     if not mods and not params:
         raise ValueError("nothing to adapt: pass target_modules (e.g. ['attn.qkv']) or target_parameters")
@@ -492,8 +492,7 @@ def adapter_config(model) -> AdapterConfig:
     raise ValueError("this model has no adapters; call add_randlora(model, ...) or add_lora(model, ...) first")
 
 def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=()) -> int:
-    """The RandLoRA r whose trainable count, sum n (r + k), is closest to LoRA's at `lora_rank`,
-    sum lora_rank (in + out), over the same targets (ties go to the smaller count)."""
+    """The RandLoRA r whose count sum n (r + k) is closest to LoRA's sum lora_rank (in + out) (ties: the smaller)."""
     _check_hparams(lora_rank, 1.0, 0.0, 0)
     ws = [t[3] for t in _find_targets(model, _as_names(target_modules, "target_modules"),
                                       _as_names(target_parameters, "target_parameters"))]
@@ -545,8 +544,7 @@ def unmerge(model) -> int:
     return _set_merged(model, False)
 
 def unload(model) -> nn.Module:
-    """Merge, then give the plain model back, whose state_dict() has exactly the base model's keys:
-    patched layers become their original modules, raw weights lose their parametrization."""
+    """Merge, then give the plain model back: its original modules, no parametrizations, the base state_dict keys."""
     merge(model)                                                        # refuses tied weights
     for name, (u, w) in adapters(model).items():
         if isinstance(u, (RandLoRALinear, LoRALinear)):
@@ -653,9 +651,8 @@ def save_adapter(model, path) -> None:
     torch.save({**state, "sha256": _digest(state)}, path)
 
 def load_adapter(model, path) -> None:
-    """torch.load(weights_only=True) of a file no larger than the model's adapter can need, its zip records
-    stored, then load_adapter_state_dict's checks and the sha256. A model without adapters is patched from
-    the file's config first, and unpatched again if loading fails."""
+    """torch.load(weights_only=True) of a small, uncompressed file, then load_adapter_state_dict's checks and the
+    sha256. A model without adapters is patched from the file's config first (and unpatched if loading fails)."""
     _require_module(model)
     patched, file = any(isinstance(m, SharedBases) for m in model.modules()), f"adapter checkpoint {str(path)!r}"
     limit = 8 * (sum(p.numel() for p in _saved(model).values()) if patched else    # 8 bytes an entry
