@@ -44,8 +44,6 @@ References
     [2] Li, Hastie, Church, Very sparse random projections, KDD 2006 (ternary bases).
     [3] Hu et al., LoRA: Low-rank adaptation of large language models, ICLR 2022.
 """
-from __future__ import annotations
-
 import contextlib
 import hashlib
 import math
@@ -62,8 +60,7 @@ FORMAT_VERSION = 2          # 2: s = alpha / (r sqrt(n)), gam from 1/D; 1 had s 
 BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
 PATHS = ("auto", "materialised", "factored")
 
-# ----------------------------------------------------------------------------------------
-# Configuration
+# ---- Configuration ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -77,8 +74,7 @@ class AdapterConfig:
     target_parameters: tuple = ()        # qualified names (or suffixes) of raw 2-D weight Parameters
     trainable: tuple = ()                # modules left trainable and saved with the adapter (a head)
 
-# ----------------------------------------------------------------------------------------
-# Frozen random bases
+# ---- Frozen random bases ---------------------------------------------------------------
 
 def _sample(shape, basis: str, D_max: int, gen: torch.Generator) -> torch.Tensor:
     if basis == "uniform":                                   # U(-sqrt3, sqrt3): unit variance
@@ -90,17 +86,15 @@ def _sample(shape, basis: str, D_max: int, gen: torch.Generator) -> torch.Tensor
     return math.sqrt(s) * ((u < 0.5 / s).float() - (u >= 1 - 0.5 / s).float())
 
 def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int = 0):
-    """A_full (r, k_max) and B_full (n_max, D_max, r), float32, bit-identical for a seed on any
-    hardware: drawn on the CPU from their own generator (A first, then B). B_full is stored
-    D-major, so that every layer's Bcat (D, m) is a view, not a copy."""
+    """A_full (r, k_max) and B_full (n_max, D_max, r), float32, the same bits for a seed on any hardware (drawn
+    on the CPU from their own generator, A first). B_full is D-major: each layer's Bcat (D, m) is a view."""
     gen = torch.Generator("cpu").manual_seed(seed)
     A = _sample((r, k_max), basis, D_max, gen)                          # (r, k_max)
     B = _sample((math.ceil(k_max / r), D_max, r), basis, D_max, gen)    # (n_max, D_max, r)
     return A, B.transpose(0, 1).contiguous().transpose(0, 1)           # strides (r, n_max r, 1)
 
 class SharedBases(nn.Module):
-    """A_full and B_full, once per model, as non-persistent buffers: `model.to()` converts them
-    once and checkpoints never hold them. Layers keep plain views, refreshed here on a move."""
+    """A_full and B_full once per model, as non-persistent buffers; refreshes the layers' views when it moves."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, config: AdapterConfig):
         super().__init__()
@@ -114,9 +108,8 @@ class SharedBases(nn.Module):
             layer.refresh_views()
         return self
 
-# ----------------------------------------------------------------------------------------
-# The memory-saving autograd functions. DeltaW is formed by _delta only. H = Bcat^T G_U (m, k),
-# G_U the weight gradient in (D, k) layout, gives lam's and gam's gradients elementwise.
+# ---- The memory-saving autograd functions ----------------------------------------------
+# DeltaW is formed by _delta only; lam's and gam's gradients come from H = Bcat^T G_U (m, k), G_U the (D, k) dL/dU.
 
 def _lq(lam, gam, A):
     """LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)] (m, k): U = s Bcat LQ."""
@@ -132,6 +125,9 @@ def _delta(Bcat, LQ, s, transposed, base=None):
 def _to(t, dt):                                 # t in dtype dt, skipping a no-op .to() (it costs ~1 us)
     return t if t is None or t.dtype is dt else t.to(dt)
 
+def _wide(dt):                                  # float32, or dt where wider: masters and merges
+    return torch.promote_types(dt, torch.float32)
+
 def _flat(t, dt):                               # t as (T, features) in dtype dt, with no op where it is
     return _to(t if t.dim() == 2 else t.reshape(-1, t.shape[-1]), dt)
 
@@ -142,9 +138,8 @@ def _scaling_grads(H, A, lam, gam, s):
     return (HA * gam.unsqueeze(1)).sum(2), (HA * lam.unsqueeze(2)).sum(1)
 
 class RandLoRAFunction(torch.autograd.Function):
-    """y = x W^T + bias + x DeltaW^T. Saves x and references to W, bias, lam, gam, A, Bcat, which
-    exist anyway; DeltaW, W + DeltaW, the weight gradient and the (T, m) projections are recomputed
-    in backward. `weight=None`: the update branch alone. The path is the caller's (layer.chosen_path)."""
+    """y = x W^T + bias + x DeltaW^T (`weight=None`: the update alone; the path is the caller's). Saves x, and
+    references to what exists anyway; DeltaW, W + DeltaW, G and the (T, m) projections are formed in backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
@@ -193,38 +188,35 @@ class RandLoRAWeightFunction(torch.autograd.Function):
     def forward(ctx, weight, lam, gam, A, Bcat, scale, transposed):
         ctx.save_for_backward(lam, gam, A, Bcat)
         ctx.scale, ctx.transposed = scale, transposed
-        dt = torch.promote_types(weight.dtype, torch.float32)           # float32 or wider, rounded once
+        dt = _wide(weight.dtype)                                        # rounded once, at the end
         LQ = _lq(lam, gam, A).to(dt)                                    # (m, k)
         return _delta(Bcat.to(dt), LQ, scale, transposed, weight.to(dt)).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, G):
         lam, gam, A, Bcat = ctx.saved_tensors
-        dt = torch.promote_types(G.dtype, torch.float32)
+        dt = _wide(G.dtype)
         H = Bcat.to(dt).T @ (G.T if ctx.transposed else G).to(dt)     # (m, k) = Bcat^T G_U
         glam, ggam = _scaling_grads(H, A, lam, gam, ctx.scale)          # (n, r), (n, k)
         return (G if ctx.needs_input_grad[0] else None), glam, ggam, None, None, None, None
 
-# ----------------------------------------------------------------------------------------
-# Layers. RandLoRA and LoRA, the updates of one frozen weight, are parametrizations (W -> W + DeltaW);
-# their *Linear subclasses own an nn.Linear's (or Conv1D's) frozen weight and bias and map x to y.
-
-def _param_dtype(weight: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(weight.dtype, torch.float32)             # fp32 masters for bf16/fp16
+# ---- Layers ----------------------------------------------------------------------------
+# RandLoRA, LoRA: the update of one weight, a parametrization W -> W + DeltaW; *Linear: an nn.Linear with it, x -> y.
 
 def _trainables(u) -> dict:
     return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
 
 class _Update(nn.Module):
-    """What RandLoRA and LoRA share. A merge is recorded in state_dict (`merged_flag` and the
-    trainables it merged with, `<name>_merged`): unmerge takes out what merge put in even if an
-    optimizer moved them since. The trainables stay float32 masters through model.half()."""
+    """What RandLoRA and LoRA share. state_dict records a merge (`merged_flag`, `<name>_merged`): unmerge takes
+    out what merge put in, even if an optimizer moved the trainables since. They stay float32 through .half()."""
 
-    def _init_state(self):
-        self.merged = self.disabled = False
+    def __init__(self, fan_in_fan_out: bool, **trainables):
+        super().__init__()
+        self.fan_in_fan_out, self.merged, self.disabled = fan_in_fan_out, False, False
         self.register_buffer("merged_flag", torch.tensor(False))
-        for name, p in _trainables(self).items():
-            self.register_buffer(name + "_merged", torch.zeros_like(p))
+        for name, t in trainables.items():                              # and what the last merge used
+            setattr(self, name, nn.Parameter(t))
+            self.register_buffer(name + "_merged", torch.zeros_like(t))
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -247,25 +239,21 @@ class _Update(nn.Module):
         return self.base_layer
 
 class RandLoRA(_Update):
-    """The update of one frozen weight: lam (n, r), gam (n, k), views of the shared bases.
-    Used directly it is a parametrization of a raw weight: forward(W) = W + DeltaW."""
+    """The update of one frozen weight (lam, gam, views of the bases); alone, a parametrization W -> W + DeltaW."""
 
     def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False):
-        super().__init__()
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
         k, D, tr = min(in_f, out_f), max(in_f, out_f), in_f > out_f
         n, m = math.ceil(k / r), math.ceil(k / r) * r
-        self.k, self.D, self.r, self.n, self.transposed, self.fan_in_fan_out = k, D, r, n, tr, fan_in_fan_out
-        self.scale = alpha / (r * math.sqrt(n))
+        kw = dict(device=weight.device, dtype=_wide(weight.dtype))     # float32 masters for bf16/fp16
+        super().__init__(fan_in_fan_out, lam=torch.zeros(n, r, **kw),  # (n, r)
+                         gam=torch.full((n, k), 1 / D, **kw))          # (n, k)
+        self.k, self.D, self.r, self.n, self.transposed, self.scale = k, D, r, n, tr, alpha / (r * math.sqrt(n))
         self.thresholds = (math.ceil(D * k * m / (D * m + k * m)),     # (inference, training): docstring
                            math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m)))
-        kw = dict(device=weight.device, dtype=_param_dtype(weight))
-        self.lam = nn.Parameter(torch.zeros(self.n, r, **kw))              # (n, r)
-        self.gam = nn.Parameter(torch.full((self.n, self.k), 1 / self.D, **kw))  # (n, k)
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
         bases.layers.append(self)
         self.refresh_views()
-        self._init_state()
 
     def refresh_views(self, if_stale=False):
         """Views A (r, k) and Bcat (D, m) of the shared bases, made once and on a move; `if_stale`: only
@@ -292,18 +280,14 @@ class RandLoRA(_Update):
         return RandLoRAWeightFunction.apply(W, self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed)
 
 class LoRA(_Update):
-    """The baseline DeltaW = s * lora_B @ lora_A, s = alpha / r, lora_B (out, r) zero, lora_A
-    (r, in) uniform with bound 1/sqrt(in) (LoRA's usual init), from a seeded generator."""
+    """The baseline DeltaW = (alpha / r) lora_B lora_A; lora_B (out, r) starts at 0, lora_A (r, in) U(+-1/sqrt(in))."""
 
     def __init__(self, weight, r, alpha, gen: torch.Generator, fan_in_fan_out=False):
-        super().__init__()
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
-        self.r, self.scale, self.fan_in_fan_out = r, alpha / r, fan_in_fan_out
-        kw = dict(device=weight.device, dtype=_param_dtype(weight))
+        kw = dict(device=weight.device, dtype=_wide(weight.dtype))
         a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)
-        self.lora_A = nn.Parameter(a.to(**kw))                         # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))        # (out, r)
-        self._init_state()
+        super().__init__(fan_in_fan_out, lora_A=a.to(**kw), lora_B=torch.zeros(out_f, r, **kw))   # (r, in), (out, r)
+        self.r, self.scale = r, alpha / r
 
     def delta_weight(self, at_merge=False) -> torch.Tensor:
         B, A = (self.lora_B_merged, self.lora_A_merged) if at_merge else (self.lora_B, self.lora_A)
@@ -314,8 +298,7 @@ class LoRA(_Update):
         return W if self.merged or self.disabled else W + self.delta_weight().to(W.dtype)
 
 class RandLoRALinear(RandLoRA):
-    """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the module docstring's
-    rule), or "materialised" / "factored" to force one."""
+    """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the docstring's rule), or one forced."""
 
     def __init__(self, base: nn.Module, bases: SharedBases, r, alpha, dropout=0.0):
         super().__init__(base.weight, bases, r, alpha, fan_in_fan_out=type(base).__name__ == "Conv1D")
@@ -358,8 +341,7 @@ class LoRALinear(LoRA):
                          self.lora_B.to(x.dtype).T, alpha=self.scale)  # (T, out)
         return y2.reshape(y.shape)
 
-# ----------------------------------------------------------------------------------------
-# Patching
+# ---- Patching --------------------------------------------------------------------------
 
 def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
@@ -378,29 +360,30 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
     real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if type(r) is not int or type(seed) is not int:
         raise TypeError(f"r and seed must be ints, got r={r!r}, seed={seed!r}")
-    for ok, message in ((r >= 1, f"r must be >= 1, got {r}"), (-2**63 <= seed < 2**64, "seed must lie in [-2**63, 2**64)"),
+    for ok, message in ((r >= 1, f"r must be >= 1, got {r}"),
+                        (-2**63 <= seed < 2**64, "seed must lie in [-2**63, 2**64)"),
                         (real(alpha) and alpha != 0, f"alpha must be a finite non-zero number, got {alpha!r}"),
                         (real(dropout) and 0 <= dropout < 1, f"dropout must be a number in [0, 1), got {dropout!r}"),
                         (basis in BASES, f"unknown basis {basis!r}; choose one of {BASES}")):
         if not ok:
             raise ValueError(message)
 
-def _unpatchable(m: nn.Module, parents: list) -> str | None:
-    """Why a layer put in m's place would not compute what m computes; None if it would."""
-    reader = next((p for p in parents if isinstance(p, (nn.MultiheadAttention, nn.TransformerEncoderLayer))), None)
-    if reader is not None:
-        return f"its parent {type(reader).__name__} reads its weight directly (a fused path)"
-    if not isinstance(m.weight, nn.Parameter):
-        return "its weight is computed (weight norm or another parametrization or hook); remove that first"
-    if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
-        return f"{type(m).__name__} has its own forward, which the patched layer would replace"
-    if not isinstance(m, nn.Linear) and getattr(m, "nf", None) != m.weight.shape[-1]:
-        return "it is named Conv1D but is not Hugging Face's (weight (in, out), nf = out)"
-    return None
+def _check_patchable(name: str, m: nn.Module, parents: list):
+    """Refuse a layer that a patched layer in its place would not compute like."""
+    fused = [type(p).__name__ for p in parents if isinstance(p, (nn.MultiheadAttention, nn.TransformerEncoderLayer))]
+    for bad, why in ((fused, f"its parent {' and '.join(fused)} reads its weight directly (a fused path)"),
+                     (not isinstance(m.weight, nn.Parameter),
+                      "its weight is computed (weight norm or another parametrization or hook); remove that first"),
+                     (isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward,
+                      f"{type(m).__name__} has its own forward, which the patched layer would replace"),
+                     (not isinstance(m, nn.Linear) and getattr(m, "nf", None) != m.weight.shape[-1],
+                      "it is named Conv1D but is not Hugging Face's (weight (in, out), nf = out)")):
+        if bad:
+            raise ValueError(f"cannot patch {name!r}: {why}; use target_parameters=[{name + '.weight'!r}] instead")
 
 def _find_targets(model, mods: tuple, params: tuple) -> list:
-    """[(name, kind, module, weight)]: modules, then raw parameters, each in model order; a module
-    with several names is one target, under its first. Validates everything, changes nothing."""
+    """[(name, kind, module, weight)]: modules, then raw parameters, in model order (an aliased module once, under
+    its first name). Validates everything, changes nothing."""
     _require_module(model)
     if not mods and not params:
         raise ValueError("nothing to adapt: pass target_modules (e.g. ['attn.qkv']) or target_parameters")
@@ -411,22 +394,20 @@ def _find_targets(model, mods: tuple, params: tuple) -> list:
     raw = {n: p for n, p in model.named_parameters() if p.dim() == 2}
     for pats, pool, kind in ((mods, linear, "module"), (params, raw, "parameter")):
         for pat in [p for p in pats if not any(_matches(n, p) for n in pool)]:
-            hint = f" ({pat!r} is a raw parameter: pass target_parameters)" if any(_matches(n, pat) for n in raw) else ""
-            raise ValueError(f"target {pat!r} matches no {kind}{hint}; candidates: {', '.join(list(pool)[:30]) or 'none'}")
+            hint = " (it is a raw parameter: pass target_parameters)" if any(_matches(n, pat) for n in raw) else ""
+            names = ", ".join(list(pool)[:30]) or "none"
+            raise ValueError(f"target {pat!r} matches no {kind}{hint}; candidates: {names}")
     targets = []
     for name, m in linear.items():
         aliases = [n for n, x in every if x is m]
         if name == aliases[0] and any(_matches(a, p) for a in aliases for p in mods):
-            why = _unpatchable(m, [model.get_submodule(a.rpartition(".")[0]) for a in aliases])
-            if why:
-                raise ValueError(f"cannot patch {name!r}: {why}; adapt target_parameters=[{name + '.weight'!r}] instead")
+            _check_patchable(name, m, [model.get_submodule(a.rpartition(".")[0]) for a in aliases])
             targets.append((name, "module", m, m.weight))
-    for name, p in raw.items():
+    for name, p in [(n, p) for n, p in raw.items() if any(_matches(n, pat) for pat in params)]:
         owner = model.get_submodule(name.rpartition(".")[0])
-        if any(_matches(name, pat) for pat in params):
-            if any(t[2] is owner for t in targets):
-                raise ValueError(f"{name!r} belongs to an adapted layer; target the layer or its weight, not both")
-            targets.append((name, "parameter", owner, p))
+        if any(t[2] is owner for t in targets):
+            raise ValueError(f"{name!r} belongs to an adapted layer; target the layer or its weight, not both")
+        targets.append((name, "parameter", owner, p))
     return targets
 
 def _extra_trainables(model, patterns, targets=()) -> dict:
@@ -452,9 +433,10 @@ def _patch(model, c: AdapterConfig) -> list:
     targets = _find_targets(model, c.target_modules, c.target_parameters)
     extra = _extra_trainables(model, c.trainable, targets)
     for name, _, _, w in targets:
-        if not w.is_floating_point() or w.is_meta:
-            raise (ValueError if w.is_meta else TypeError)(f"{name!r} is {'on the meta device' if w.is_meta else w.dtype}"
-                                                           "; adapt real floating-point weights (dequantise, or load them)")
+        if w.is_meta:
+            raise ValueError(f"{name!r} is on the meta device; load the real weights before adapting them")
+        if not w.is_floating_point():
+            raise TypeError(f"{name!r} is {w.dtype}; adapt floating-point weights (dequantise them first)")
         if c.r > min(w.shape):
             raise ValueError(f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}")
     if rand:
@@ -473,7 +455,8 @@ def _patch(model, c: AdapterConfig) -> list:
         p.requires_grad_(True)
     for i, (name, kind, mod, w) in enumerate(targets):
         if kind == "module":
-            layer = RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout) if rand else LoRALinear(mod, c.r, c.alpha, gen, c.dropout)
+            layer = (RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout) if rand
+                     else LoRALinear(mod, c.r, c.alpha, gen, c.dropout))
             _replace(model, mod, layer)
         else:
             layer = RandLoRA(w, shared, c.r, c.alpha) if rand else LoRA(w, c.r, c.alpha, gen)
@@ -484,16 +467,16 @@ def _patch(model, c: AdapterConfig) -> list:
 
 def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0, target_parameters=(),
                  trainable=()) -> list:
-    """Patch `model` in place: each nn.Linear / Conv1D named in `target_modules` (exactly, or by a dotted
-    suffix: "attn.qkv" matches "blocks.0.attn.qkv") becomes a RandLoRALinear, each 2-D Parameter named in
-    `target_parameters` (e.g. "in_proj_weight") gets a RandLoRA parametrization; all else is frozen but
-    the modules named in `trainable` (a new head), which checkpoints carry too. Returns the adapted names;
-    on bad input raises, changing nothing."""
-    return _patch(model, AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable))
+    """Patch `model` in place: each nn.Linear / Conv1D named (exactly or by dotted suffix) in `target_modules`
+    becomes a RandLoRALinear, each 2-D Parameter in `target_parameters` gets a RandLoRA parametrization; all else
+    is frozen but the `trainable` modules (a head). Returns the adapted names; bad input changes nothing."""
+    c = AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable)
+    return _patch(model, c)
 
 def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=(), trainable=()) -> list:
     """The LoRA baseline with the same targeting, freezing and errors as add_randlora."""
-    return _patch(model, AdapterConfig("lora", r, alpha, "none", seed, dropout, target_modules, target_parameters, trainable))
+    c = AdapterConfig("lora", r, alpha, "none", seed, dropout, target_modules, target_parameters, trainable)
+    return _patch(model, c)
 
 def adapters(model) -> dict:
     """{adapted name: (update module, frozen base weight Parameter)} in model order."""
@@ -514,8 +497,7 @@ def adapter_config(model) -> AdapterConfig:
     raise ValueError("this model has no adapters; call add_randlora(model, ...) or add_lora(model, ...) first")
 
 def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=()) -> int:
-    """The RandLoRA r whose trainable count, sum n (r + k), is closest to LoRA's at `lora_rank`,
-    sum lora_rank (in + out), over the same targets (ties go to the smaller count)."""
+    """The RandLoRA r whose count sum n (r + k) is closest to LoRA's sum lora_rank (in + out) (ties: the smaller)."""
     _check_hparams(lora_rank, 1.0, 0.0, 0)
     ws = [t[3] for t in _find_targets(model, _as_names(target_modules, "target_modules"),
                                       _as_names(target_parameters, "target_parameters"))]
@@ -526,12 +508,11 @@ def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=())
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-# ----------------------------------------------------------------------------------------
-# Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once.
+# ---- Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once ----
 
 def _shifted(u, w, merge: bool) -> torch.Tensor:
     """W + DeltaW (merge), or W - the DeltaW of the last merge (unmerge)."""
-    dt = torch.promote_types(w.dtype, torch.float32)
+    dt = _wide(w.dtype)
     return w.to(dt).add(u.delta_weight(at_merge=not merge).to(dt), alpha=1 if merge else -1).to(w.dtype)
 
 @torch.no_grad()
@@ -568,8 +549,7 @@ def unmerge(model) -> int:
     return _set_merged(model, False)
 
 def unload(model) -> nn.Module:
-    """Merge, then give the plain model back, whose state_dict() has exactly the base model's keys:
-    patched layers become their original modules, raw weights lose their parametrization."""
+    """Merge, then give the plain model back: its original modules, no parametrizations, the base state_dict keys."""
     merge(model)                                                        # refuses tied weights
     for name, (u, w) in adapters(model).items():
         if isinstance(u, (RandLoRALinear, LoRALinear)):
@@ -581,26 +561,24 @@ def unload(model) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapters(model):
-    """Inside: the base model's function (bit for bit if unmerged, within one unmerge's rounding
-    if merged), with the trainables not requiring grad. After: all as before."""
+    """Inside: the base model's function (bit for bit if unmerged), trainables not requiring grad. After: as before."""
     ups = [u for u, _ in adapters(model).values()]
     merged, grads = any(u.merged for u in ups), {p: p.requires_grad for u in ups for p in _trainables(u).values()}
+    def switch(off: bool):
+        for u in ups:
+            u.disabled = off
+        for p, wanted in grads.items():
+            p.requires_grad_(wanted and not off)
     unmerge(model)
     try:
-        for u in ups:
-            u.disabled = True
-        for p in grads:
-            p.requires_grad_(False)
+        switch(off=True)
         yield model
     finally:
-        for u in ups:
-            u.disabled = False
-        for p, wanted in grads.items():
-            p.requires_grad_(wanted)
+        switch(off=False)
         if merged:
             merge(model)
-# ----------------------------------------------------------------------------------------
-# Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases.
+
+# ---- Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases ----
 
 def _saved(model) -> dict:
     """{checkpoint key: Parameter}: every adapter's trainables, then the `trainable` modules' ones."""
@@ -643,8 +621,8 @@ def load_adapter_state_dict(model, state, sha256=None) -> None:
     if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
         raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
     if type(state["format_version"]) is not int or state["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"checkpoint format is not {FORMAT_VERSION}; files of format 1 were trained with s = alpha / r, gam "
-                         "from 1/k, and this applies alpha / (r sqrt(n)), 1/D: retrain, or use the version that wrote it")
+        raise ValueError(f"checkpoint format is not {FORMAT_VERSION}: format 1 had s = alpha / r and gam from 1/k, "
+                         "this one alpha / (r sqrt(n)) and 1/D; retrain, or use the version that wrote it")
     saved, tensors = state["config"], state["tensors"]
     if not _is_plain(saved) or not isinstance(tensors, dict):
         raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
@@ -657,7 +635,7 @@ def load_adapter_state_dict(model, state, sha256=None) -> None:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
     if not _is_plain(state.get("shapes")) or state["shapes"] != want["shapes"]:
         raise ValueError(f"checkpoint was saved from layers of other (out, in) shapes than this model's "
-                         f"{list(want['shapes'].items())[:5]}; load it into a model with the shapes it was trained with")
+                         f"{list(want['shapes'].items())[:5]}; load it into a model of the shapes it was trained on")
     for key, p in params.items():
         t = tensors[key]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided or t.is_meta:
@@ -673,36 +651,33 @@ def load_adapter_state_dict(model, state, sha256=None) -> None:
             p.copy_(tensors[key])
 
 def save_adapter(model, path) -> None:
-    """torch.save of adapter_state_dict and its sha256: torch.load checks no CRC of the zip's
-    records, so a flipped bit in lam or gam would otherwise load silently."""
+    """torch.save of adapter_state_dict and its sha256: torch.load checks no CRC of the zip's records."""
     state = adapter_state_dict(model)
     torch.save({**state, "sha256": _digest(state)}, path)
 
 def load_adapter(model, path) -> None:
-    """torch.load(weights_only=True) of a file no larger than this model's adapter can need (8
-    bytes an entry, or 16 per model parameter for a model without adapters, plus 1 MiB), its zip
-    records stored uncompressed, then load_adapter_state_dict's checks and the sha256. A model
-    without adapters is patched from the file's config first, and unpatched if loading fails."""
+    """torch.load(weights_only=True) of a small, uncompressed file, then load_adapter_state_dict's checks and the
+    sha256. A model without adapters is patched from the file's config first (and unpatched if loading fails)."""
     _require_module(model)
-    patched = any(isinstance(m, SharedBases) for m in model.modules())
-    limit = 8 * (sum(p.numel() for p in _saved(model).values()) if patched else
-                 2 * sum(p.numel() for p in model.parameters())) + 2**20
+    patched, file = any(isinstance(m, SharedBases) for m in model.modules()), f"adapter checkpoint {str(path)!r}"
+    limit = 8 * (sum(p.numel() for p in _saved(model).values()) if patched else    # 8 bytes an entry
+                 2 * sum(p.numel() for p in model.parameters())) + 2**20          # (2 a parameter), + 1 MiB
     if os.path.getsize(path) > limit:                                   # before its zip directory is read
-        raise ValueError(f"adapter checkpoint {str(path)!r} is larger than the {limit} bytes this model's adapter can need")
+        raise ValueError(f"{file} is larger than the {limit} bytes this model's adapter can need")
     try:
         records = zipfile.ZipFile(path).infolist()
         if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > limit:
             raise ValueError(f"its records are compressed or unpack to more than {limit} bytes")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                             # truncated, tampered, not torch
-        raise ValueError(f"could not read adapter checkpoint {str(path)!r}: the file is damaged or not "
-                         f"written by save_adapter ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ValueError(f"could not read {file}: the file is damaged or not written by save_adapter "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
     config = state.get("config") if isinstance(state, dict) else None
+    if not patched and not (_is_plain(config) and set(config) == {f.name for f in fields(AdapterConfig)}
+                            and config["method"] in ("randlora", "lora")):
+        raise ValueError(f"{file} has no config written by adapter_state_dict() to patch from")
     grads = {p: p.requires_grad for p in model.parameters()}
     try:
-        if not patched and (not _is_plain(config) or set(config) != {f.name for f in fields(AdapterConfig)}
-                            or config["method"] not in ("randlora", "lora")):
-            raise ValueError(f"adapter checkpoint {str(path)!r} has no config written by adapter_state_dict() to patch from")
         if not patched:
             _patch(model, AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in config.items()}))
         load_adapter_state_dict(model, state, state.pop("sha256", None) if isinstance(state, dict) else None)
@@ -712,5 +687,5 @@ def load_adapter(model, path) -> None:
             for p, wanted in grads.items():
                 p.requires_grad_(wanted)
         if isinstance(e, (RecursionError, MemoryError)):
-            raise ValueError(f"adapter checkpoint {str(path)!r} nests too deeply or is too large to check") from None
+            raise ValueError(f"{file} nests too deeply or is too large to check") from None
         raise

@@ -2641,7 +2641,7 @@ def test_load_adapter_into_an_unpatched_model_reproduces_the_trained_outputs(met
 
 
 def test_a_module_target_naming_a_raw_parameter_points_to_target_parameters():
-    with pytest.raises(ValueError, match=r"'in_proj_weight' is a raw parameter: pass target_parameters"):
+    with pytest.raises(ValueError, match=r"'in_proj_weight' matches no module \(it is a raw parameter: pass target_parameters\)"):
         R.add_randlora(MixedBase(), ["in_proj_weight"], r=2, alpha=4.0)
 
 
