@@ -548,16 +548,20 @@ def unmerge(model) -> int:
     """Take out of every weight the DeltaW its merge put in (exact up to the dtype's rounding)."""
     return _set_merged(model, False)
 
-def unload(model) -> nn.Module:
-    """Merge, then give the plain model back: its original modules, no parametrizations, the base state_dict keys."""
-    merge(model)                                                        # refuses tied weights
+def _unpatch(model) -> nn.Module:
+    """The original modules back, parametrizations removed, the stored weights as they are."""
     for name, (u, w) in adapters(model).items():
         if isinstance(u, (RandLoRALinear, LoRALinear)):
             _replace(model, u, u.synced_base())
-        else:                                                           # keeps W + DeltaW
+        else:
             owner, _, attr = name.rpartition(".")
-            parametrize.remove_parametrizations(model.get_submodule(owner), attr)
+            parametrize.remove_parametrizations(model.get_submodule(owner), attr, leave_parametrized=False)
     return model
+
+def unload(model) -> nn.Module:
+    """Merge, then give the plain model back: its original modules, no parametrizations, the base state_dict keys."""
+    merge(model)                                                        # refuses tied weights
+    return _unpatch(model)
 
 @contextlib.contextmanager
 def disable_adapters(model):
@@ -683,7 +687,7 @@ def load_adapter(model, path) -> None:
         load_adapter_state_dict(model, state, state.pop("sha256", None) if isinstance(state, dict) else None)
     except BaseException as e:
         if not patched and adapters(model):                            # patched here: undo it
-            unload(model)
+            _unpatch(model)                                             # no merge: the weights were never touched
             for p, wanted in grads.items():
                 p.requires_grad_(wanted)
         if isinstance(e, (RecursionError, MemoryError)):

@@ -2640,6 +2640,22 @@ def test_load_adapter_into_an_unpatched_model_reproduces_the_trained_outputs(met
     assert_same_fingerprint(fingerprint(other), before)
 
 
+def test_a_failed_load_into_an_unpatched_model_with_tied_weights_leaves_it_unpatched(tmp_path):
+    """The undo of load_adapter's own patching must not merge (a merge refuses tied weights)."""
+    src, dst = mlp(8, 8, 8), mlp(8, 8, 8)
+    for m in (src, dst):
+        m[2].weight = m[0].weight                                             # tied
+    R.add_randlora(src, ["0", "2"], r=2, alpha=4.0)
+    state = R.adapter_state_dict(src)
+    state["tensors"]["0.lam"] = torch.full_like(state["tensors"]["0.lam"], float("nan"))
+    torch.save(state, tmp_path / "bad.pt")
+    before = fingerprint(dst)
+    with pytest.raises(ValueError, match="non-finite"):
+        R.load_adapter(dst, tmp_path / "bad.pt")
+    assert not any(isinstance(m, (R.RandLoRALinear, R.SharedBases)) for m in dst.modules())
+    assert_same_fingerprint(fingerprint(dst), before)
+
+
 def test_a_module_target_naming_a_raw_parameter_points_to_target_parameters():
     with pytest.raises(ValueError, match=r"'in_proj_weight' matches no module \(it is a raw parameter: pass target_parameters\)"):
         R.add_randlora(MixedBase(), ["in_proj_weight"], r=2, alpha=4.0)
