@@ -94,19 +94,13 @@ def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int
     return A, B.transpose(0, 1).contiguous().transpose(0, 1)           # strides (r, n_max r, 1)
 
 class SharedBases(nn.Module):
-    """A_full and B_full once per model, as non-persistent buffers; refreshes the layers' views when it moves."""
+    """A_full and B_full once per model, as non-persistent buffers, of which every layer keeps views."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, config: AdapterConfig):
         super().__init__()
-        self.config, self.layers = config, []                           # layers: plain references
+        self.config = config
         self.register_buffer("A", A, persistent=False)                  # (r, k_max)
         self.register_buffer("B", B, persistent=False)                  # (n_max, D_max, r)
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        for layer in self.layers:
-            layer.refresh_views()
-        return self
 
 # ---- The memory-saving autograd functions ----------------------------------------------
 # DeltaW is formed by _delta only; lam's and gam's gradients come from H = Bcat^T G_U (m, k), G_U the (D, k) dL/dU.
@@ -252,16 +246,17 @@ class RandLoRA(_Update):
         self.thresholds = (math.ceil(D * k * m / (D * m + k * m)),     # (inference, training): docstring
                            math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m)))
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
-        bases.layers.append(self)
-        self.refresh_views()
+        self.A = self.Bcat = None
+        self.views()
 
-    def refresh_views(self, if_stale=False):
-        """Views A (r, k) and Bcat (D, m) of the shared bases, made once and on a move; `if_stale`: only
-        if the buffers were moved or cast by assigning .data (as FSDP does), which no module hook sees."""
+    def views(self):
+        """A (r, k) and Bcat (D, m), views of the shared bases, made again when those moved or changed dtype:
+        model.to() or .half(), or FSDP assigning buffer.data, which no module hook sees."""
         B = self._shared.B                                              # (n_max, D_max, r)
-        if not if_stale or self.Bcat.device != B.device or self.Bcat.dtype != B.dtype:
+        if self.Bcat is None or self.Bcat.device != B.device or self.Bcat.dtype != B.dtype:
             self.A = self._shared.A[:, : self.k]                                # (r, k)
             self.Bcat = B[: self.n, : self.D].transpose(0, 1).reshape(self.D, -1)  # (D, m), a view
+        return self.A, self.Bcat
 
     def extra_repr(self):
         return f"k={self.k}, D={self.D}, r={self.r}, n={self.n}, scale={self.scale:g}, merged={self.merged}"
@@ -269,15 +264,15 @@ class RandLoRA(_Update):
     def delta_weight(self, at_merge=False) -> torch.Tensor:
         """DeltaW in the base weight's layout ((in, out) for a Conv1D); `at_merge`: as last merged."""
         lam, gam = (self.lam_merged, self.gam_merged) if at_merge else (self.lam, self.gam)
-        dt = torch.promote_types(lam.dtype, self.A.dtype)
-        dw = _delta(self.Bcat.to(dt), _lq(lam, gam, self.A).to(dt), self.scale, self.transposed)
+        A, Bcat = self.views()
+        dt = torch.promote_types(lam.dtype, A.dtype)
+        dw = _delta(Bcat.to(dt), _lq(lam, gam, A).to(dt), self.scale, self.transposed)
         return dw.T if self.fan_in_fan_out else dw                     # (out, in) or (in, out)
 
     def forward(self, W):                                               # as a parametrization
         if self.merged or self.disabled:
             return W
-        self.refresh_views(if_stale=True)
-        return RandLoRAWeightFunction.apply(W, self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed)
+        return RandLoRAWeightFunction.apply(W, self.lam, self.gam, *self.views(), self.scale, self.transposed)
 
 class LoRA(_Update):
     """The baseline DeltaW = (alpha / r) lora_B lora_A; lora_B (out, r) starts at 0, lora_A (r, in) U(+-1/sqrt(in))."""
@@ -318,9 +313,8 @@ class RandLoRALinear(RandLoRA):
             return self.synced_base()(x) if self.disabled else F.linear(x, W, self.bias)
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point input, got {x.dtype}")
-        self.refresh_views(if_stale=True)
         mat = self.chosen_path(x.numel() // x.shape[-1], torch.is_grad_enabled()) == "materialised"
-        args = (self.lam, self.gam, self.A, self.Bcat, self.scale, self.transposed, mat)
+        args = (self.lam, self.gam, *self.views(), self.scale, self.transposed, mat)
         if self.training and self.dropout.p > 0:                       # the update sees other x
             return F.linear(x, W, self.bias) + RandLoRAFunction.apply(self.dropout(x), None, None, *args)
         return RandLoRAFunction.apply(x, W, self.bias, *args)
