@@ -610,9 +610,9 @@ def _digest(state) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
-def load_adapter_state_dict(model, state, sha256=None) -> None:
-    """Load into a model patched with the same config and layer shapes. Everything is checked,
-    shapes before values, before anything is copied; errors never repr the checkpoint's objects."""
+def load_adapter_state_dict(model, state) -> None:
+    """Load into a model patched with the same config and layer shapes. Everything is checked (shapes before
+    values, the sha256 if the state has one) before anything is copied; errors never repr the file's objects."""
     want, params = _header(model), _saved(model)                      # no copy of the tensors
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
@@ -636,13 +636,12 @@ def load_adapter_state_dict(model, state, sha256=None) -> None:
                          f"{list(want['shapes'].items())[:5]}; load it into a model of the shapes it was trained on")
     for key, p in params.items():
         t = tensors[key]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided or t.is_meta:
-            what = f"{t.dtype} {t.layout} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"checkpoint entry {key!r} must be a dense floating-point tensor, got {what}")
-        if t.shape != p.shape or not torch.isfinite(t.to(p.dtype)).all():    # finite after the cast
-            raise ValueError(f"checkpoint entry {key!r} has shape {tuple(t.shape)} (or non-finite values); "
-                             f"the model expects {tuple(p.shape)}")
-    if sha256 is not None and _digest(state) != sha256:
+        ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided and not t.is_meta
+        if not ok or t.shape != p.shape or not torch.isfinite(t.to(p.dtype)).all():    # finite after the cast
+            got = f"{t.dtype} {t.layout} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"checkpoint entry {key!r} is {got} (or non-finite); the model expects a dense "
+                             f"floating-point tensor of shape {tuple(p.shape)}")
+    if "sha256" in state and _digest(state) != state["sha256"]:
         raise ValueError("adapter checkpoint fails its sha256 check: it changed after save_adapter wrote it")
     with torch.no_grad():
         for key, p in params.items():
@@ -678,7 +677,7 @@ def load_adapter(model, path) -> None:
     try:
         if not patched:
             _patch(model, AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in config.items()}))
-        load_adapter_state_dict(model, state, state.pop("sha256", None) if isinstance(state, dict) else None)
+        load_adapter_state_dict(model, state)
     except BaseException as e:
         if not patched and adapters(model):                            # patched here: undo it
             _unpatch(model)                                             # no merge: the weights were never touched
