@@ -98,9 +98,15 @@ class SharedBases(nn.Module):
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, config: AdapterConfig):
         super().__init__()
-        self.config = config
+        self.config, self.layers = config, []                           # layers: plain references
         self.register_buffer("A", A, persistent=False)                  # (r, k_max)
         self.register_buffer("B", B, persistent=False)                  # (n_max, D_max, r)
+
+    def _apply(self, fn, *args, **kwargs):                              # moved: every layer views it again
+        super()._apply(fn, *args, **kwargs)
+        for layer in self.layers:
+            layer.views(remake=True)
+        return self
 
 # ---- The memory-saving autograd functions ----------------------------------------------
 # DeltaW is formed by _delta only; lam's and gam's gradients come from H = Bcat^T G_U (m, k), G_U the (D, k) dL/dU.
@@ -246,14 +252,14 @@ class RandLoRA(_Update):
         self.thresholds = (math.ceil(D * k * m / (D * m + k * m)),     # (inference, training): docstring
                            math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m)))
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
-        self.A = self.Bcat = None
-        self.views()
+        bases.layers.append(self)
+        self.views(remake=True)
 
-    def views(self):
-        """A (r, k) and Bcat (D, m), views of the shared bases, made again when those moved or changed dtype:
-        model.to() or .half(), or FSDP assigning buffer.data, which no module hook sees."""
+    def views(self, remake=False):
+        """A (r, k) and Bcat (D, m), views of the shared bases, made once and again when those move (model.to(),
+        .half()) or are moved or cast by assigning buffer.data, as FSDP does, which no module hook sees."""
         B = self._shared.B                                              # (n_max, D_max, r)
-        if self.Bcat is None or self.Bcat.device != B.device or self.Bcat.dtype != B.dtype:
+        if remake or self.Bcat.device != B.device or self.Bcat.dtype != B.dtype:
             self.A = self._shared.A[:, : self.k]                                # (r, k)
             self.Bcat = B[: self.n, : self.D].transpose(0, 1).reshape(self.D, -1)  # (D, m), a view
         return self.A, self.Bcat
@@ -542,20 +548,21 @@ def unmerge(model) -> int:
     """Take out of every weight the DeltaW its merge put in (exact up to the dtype's rounding)."""
     return _set_merged(model, False)
 
-def _unpatch(model) -> nn.Module:
-    """The original modules back, parametrizations removed, the stored weights as they are."""
+def _unpatch(model, keep_update: bool) -> nn.Module:
+    """The original modules back; raw weights keep their parametrizations' value (W + DeltaW, and any
+    parametrization stacked after it) if `keep_update`, else their stored weight."""
     for name, (u, w) in adapters(model).items():
         if isinstance(u, (RandLoRALinear, LoRALinear)):
             _replace(model, u, u.synced_base())
         else:
             owner, _, attr = name.rpartition(".")
-            parametrize.remove_parametrizations(model.get_submodule(owner), attr, leave_parametrized=False)
+            parametrize.remove_parametrizations(model.get_submodule(owner), attr, leave_parametrized=keep_update)
     return model
 
 def unload(model) -> nn.Module:
     """Merge, then give the plain model back: its original modules, no parametrizations, the base state_dict keys."""
     merge(model)                                                        # refuses tied weights
-    return _unpatch(model)
+    return _unpatch(model, keep_update=True)
 
 @contextlib.contextmanager
 def disable_adapters(model):
@@ -636,9 +643,9 @@ def load_adapter_state_dict(model, state) -> None:
                          f"{list(want['shapes'].items())[:5]}; load it into a model of the shapes it was trained on")
     for key, p in params.items():
         t = tensors[key]
-        ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided and not t.is_meta
-        if not ok or t.shape != p.shape or not torch.isfinite(t.to(p.dtype)).all():    # finite after the cast
-            got = f"{t.dtype} {t.layout} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not (t.is_nested or t.is_meta)
+        if not dense or not t.is_floating_point() or t.shape != p.shape or not torch.isfinite(t.to(p.dtype)).all():
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if dense else f"a {type(t).__name__}, not dense or on meta"
             raise ValueError(f"checkpoint entry {key!r} is {got} (or non-finite); the model expects a dense "
                              f"floating-point tensor of shape {tuple(p.shape)}")
     if "sha256" in state and _digest(state) != state["sha256"]:
@@ -680,7 +687,7 @@ def load_adapter(model, path) -> None:
         load_adapter_state_dict(model, state)
     except BaseException as e:
         if not patched and adapters(model):                            # patched here: undo it
-            _unpatch(model)                                             # no merge: the weights were never touched
+            _unpatch(model, keep_update=False)                          # no merge: weights never touched
             for p, wanted in grads.items():
                 p.requires_grad_(wanted)
         if isinstance(e, (RecursionError, MemoryError)):

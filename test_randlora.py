@@ -3,6 +3,7 @@ oracle for eq. 4 is the literal loop over b with explicit diagonal matrices."""
 import copy
 import dataclasses
 import functools
+import gc
 import hashlib
 import inspect
 import io
@@ -17,6 +18,8 @@ import tarfile
 import tempfile
 import types
 import urllib.error
+import warnings
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -429,6 +432,27 @@ def test_layers_follow_bases_that_fsdp_moves_by_assigning_data():
         assert u.A.dtype == u.Bcat.dtype == torch.float64
         assert {t.untyped_storage().data_ptr() for t in (u.A, u.Bcat)} == {
             t.untyped_storage().data_ptr() for t in (shared.A, shared.B)}   # views of the moved buffers
+
+
+def test_a_move_releases_the_old_bases_and_views_follow_the_buffers_whatever_ran_between():
+    """model.half() frees the float32 bases at once (no layer's view keeps them alive), and
+    DeltaW after .half().float() is the same whether or not a call ran in between."""
+    def make():
+        model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16))
+        R.add_randlora(model, ["0", "1"], 4, 8.0)
+        randomise(model)
+        return model
+    model = make()
+    old = weakref.ref(model[0].shared_bases.B)
+    model.half()
+    gc.collect()
+    assert old() is None                                                    # no stale view holds it
+    quiet, called = make(), make()
+    quiet.half().float()
+    called.half()
+    called(torch.randn(3, 16, dtype=torch.float16))
+    called.float()
+    assert torch.equal(quiet[1].delta_weight(), called[1].delta_weight())   # views of the rounded buffers
 
 
 def test_bases_do_not_depend_on_the_model_dtype():
@@ -1811,13 +1835,18 @@ def test_every_entry_point_rejects_a_non_module_with_type_error(call, not_a_mode
 @pytest.mark.parametrize("entry,value", [
     ("format_version", torch.tensor([1, 1])), ("r", torch.tensor([2, 2])), ("alpha", torch.tensor([4.0, 4.0])),
     ("0.lam", torch.zeros(4, 2, device="meta")), ("0.lam", torch.zeros(4, 2).to_sparse()),
-], ids=["format_version", "config_r", "config_alpha", "meta_entry", "sparse_entry"])
+    ("0.lam", "nested"),
+], ids=["format_version", "config_r", "config_alpha", "meta_entry", "sparse_entry", "nested_entry"])
 def test_tampered_checkpoint_with_exotic_entries_is_a_value_or_type_error(entry, value, tmp_path):
     """torch.load(weights_only=True) happily returns multi-element tensors, meta and sparse
     tensors; comparing or checking them must not raise RuntimeError or NotImplementedError."""
     model = patched_mlp()
     state = R.adapter_state_dict(patched_mlp(seed=1))
     where = state if entry == "format_version" else state["config"] if entry in state["config"] else state["tensors"]
+    if isinstance(value, str):                                              # a strided nested tensor: t.shape raises
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                                 # "prototype stage"
+            value = torch.nested.nested_tensor([torch.zeros(4, 2)])
     where[entry] = value
     torch.save(state, tmp_path / "adapter.pt")
     before = fingerprint(model)
@@ -2405,7 +2434,6 @@ Conv1D_out_in.__name__ = "Conv1D"
     (lambda: torch.nn.utils.weight_norm(nn.Linear(6, 6)), "weight is computed"),
 ], ids=["own_forward", "not_hf_conv1d", "weight_norm", "old_weight_norm"])
 def test_layers_the_patch_would_misread_are_refused(make, words):
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                                        # the old weight_norm is deprecated
         model = nn.Sequential(make())
@@ -2594,6 +2622,20 @@ def test_disable_adapters_computes_the_base_model_and_then_restores_the_adapter(
     assert all(u.merged == merged for u, _ in R.adapters(model).values())
     assert all(p.requires_grad for u, _ in R.adapters(model).values() for p in R._trainables(u).values())
     torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+
+
+def test_unload_keeps_a_parametrization_stacked_after_the_adapter():
+    class Twice(nn.Module):
+        def forward(self, W):
+            return 2 * W
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    R.add_randlora(model, [], r=2, alpha=4.0, target_parameters=["0.in_proj_weight"])
+    set_update_size(model, 0.2)
+    nn.utils.parametrize.register_parametrization(model[0], "in_proj_weight", Twice())
+    want = model[0].in_proj_weight.detach().clone()                         # 2 (W + DeltaW)
+    R.unload(model)
+    assert not nn.utils.parametrize.is_parametrized(model[0])
+    torch.testing.assert_close(model[0].in_proj_weight, want, rtol=0, atol=1e-6)
 
 
 def test_a_trainable_head_trains_is_saved_and_reloads(tmp_path):
