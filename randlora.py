@@ -181,8 +181,8 @@ class RandLoRAFunction(torch.autograd.Function):
         return gx, gw, gb, glam, ggam, None, None, None, None, None
 
 class RandLoRAWeightFunction(torch.autograd.Function):
-    """W + DeltaW for a raw weight adapted through target_parameters. Saves references only: LQ (m, k),
-    which autograd of delta_weight() would keep per weight, is formed again from G (out, in) in backward."""
+    """W + DeltaW for a raw weight adapted through target_parameters. Saves references only, where autograd of
+    delta_weight() would keep LQ (m, k) per weight; backward needs just G (out, in) and H = Bcat^T G_U."""
 
     @staticmethod
     def forward(ctx, weight, lam, gam, A, Bcat, scale, transposed):
