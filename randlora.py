@@ -31,10 +31,8 @@ Cost. The autograd function saves only x. A layer either materialises W + DeltaW
 in backward for x's gradient) or projects the tokens through the factors. lam's and gam's
 gradients come from H = Bcat^T G (m, k), G = gy^T x the weight gradient (TDk + Dkm), or while
 T < D from the tokens projected through Bcat (TDm + Tkm). Multiply-adds (tr = 1 if in > out):
-
     inference   materialised  TDk + Dkm          factored  TDk + TDm + Tkm
     training    materialised  2TDk + 2Dkm + H    factored  2TDk + (2 + tr) TDm + 3Tkm
-
 so a layer materialises from T >= Dkm / (Dm + km) (inference) or 2Dkm / ((1 + tr) Dm + 2km)
 (training, always below D): thresholds of its shape, computed once when it is built.
 
@@ -45,7 +43,6 @@ References
     [3] Hu et al., LoRA: Low-rank adaptation of large language models, ICLR 2022.
 """
 import contextlib
-import hashlib
 import math
 import os
 import zipfile
@@ -108,8 +105,9 @@ class SharedBases(nn.Module):
             layer.views(remake=True)
         return self
 
-# ---- The memory-saving autograd functions ----------------------------------------------
-# DeltaW is formed by _delta only; lam's and gam's gradients come from H = Bcat^T G_U (m, k), G_U the (D, k) dL/dU.
+# ---- The memory-saving autograd function -----------------------------------------------
+# DeltaW is formed by _delta only. With H = Bcat^T G_U (m, k), G_U the (D, k) dL/dU, U = s Bcat LQ:
+#   dL/dlam[b, i] = s sum_c H[b r + i, c] A[i, c] gam[b, c],   dL/dgam[b, c] = s sum_i H[b r + i, c] A[i, c] lam[b, i]
 
 def _lq(lam, gam, A):
     """LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)] (m, k): U = s Bcat LQ."""
@@ -130,12 +128,6 @@ def _wide(dt):                                  # float32, or dt where wider: ma
 
 def _flat(t, dt):                               # t as (T, features) in dtype dt, with no op where it is
     return _to(t if t.dim() == 2 else t.reshape(-1, t.shape[-1]), dt)
-
-def _scaling_grads(H, A, lam, gam, s):
-    """dL/dlam (n, r) and dL/dgam (n, k) from H = Bcat^T G_U (m, k), U = s Bcat LQ:
-    dL/dlam[b, i] = s sum_c H[b r + i, c] A[i, c] gam[b, c], dL/dgam[b, c] = s sum_i (same, lam)."""
-    HA = _to(H.view(lam.shape[0], lam.shape[1], -1), lam.dtype).mul_(s).mul_(A)   # (n, r, k)
-    return (HA * gam.unsqueeze(1)).sum(2), (HA * lam.unsqueeze(2)).sum(1)
 
 class RandLoRAFunction(torch.autograd.Function):
     """y = x W^T + bias + x DeltaW^T (`weight=None`: the update alone; the path is the caller's). Saves x, and
@@ -168,8 +160,9 @@ class RandLoRAFunction(torch.autograd.Function):
         G = gy2.T @ x2 if need_w or (by_weight and (need_lam or need_gam)) else None   # (out, in)
         Z = None if by_weight else (x2 if tr else gy2) @ Bc            # (T, m)
         if need_lam or need_gam:
-            H = Bc.T @ (G.T if tr else G) if by_weight else Z.T @ (gy2 if tr else x2)   # (m, k)
-            glam, ggam = _scaling_grads(H, A, lam, gam, s)              # (n, r), (n, k)
+            H = Bc.T @ (G.T if tr else G) if by_weight else Z.T @ (gy2 if tr else x2)   # (m, k) = Bcat^T G_U
+            HA = _to(H.view(*lam.shape, -1), lam.dtype).mul_(s).mul_(A)  # (n, r, k): dL/dLQ * A
+            glam, ggam = (HA * gam.unsqueeze(1)).sum(2), (HA * lam.unsqueeze(2)).sum(1)   # (n, r), (n, k)
         if need_x and ctx.materialise:                                  # through W + DeltaW, formed again
             gx = gy2 @ _delta(Bc, LQ, s, tr, w)                         # (T, in)
         elif need_x:                                                    # through the factors
@@ -179,26 +172,6 @@ class RandLoRAFunction(torch.autograd.Function):
         gw = _to(G, weight.dtype) if need_w else None
         gb = _to(gy2.sum(0), bias.dtype) if need_b else None            # (out,)
         return gx, gw, gb, glam, ggam, None, None, None, None, None
-
-class RandLoRAWeightFunction(torch.autograd.Function):
-    """W + DeltaW for a raw weight adapted through target_parameters. Saves references only, where autograd of
-    delta_weight() would keep LQ (m, k) per weight; backward needs just G (out, in) and H = Bcat^T G_U."""
-
-    @staticmethod
-    def forward(ctx, weight, lam, gam, A, Bcat, scale, transposed):
-        ctx.save_for_backward(lam, gam, A, Bcat)
-        ctx.scale, ctx.transposed = scale, transposed
-        dt = _wide(weight.dtype)                                        # rounded once, at the end
-        LQ = _lq(lam, gam, A).to(dt)                                    # (m, k)
-        return _delta(Bcat.to(dt), LQ, scale, transposed, weight.to(dt)).to(weight.dtype)
-
-    @staticmethod
-    def backward(ctx, G):
-        lam, gam, A, Bcat = ctx.saved_tensors
-        dt = _wide(G.dtype)
-        H = Bcat.to(dt).T @ (G.T if ctx.transposed else G).to(dt)     # (m, k) = Bcat^T G_U
-        glam, ggam = _scaling_grads(H, A, lam, gam, ctx.scale)          # (n, r), (n, k)
-        return (G if ctx.needs_input_grad[0] else None), glam, ggam, None, None, None, None
 
 # ---- Layers ----------------------------------------------------------------------------
 # RandLoRA, LoRA: the update of one weight, a parametrization W -> W + DeltaW; *Linear: an nn.Linear with it, x -> y.
@@ -256,16 +229,12 @@ class RandLoRA(_Update):
         self.views(remake=True)
 
     def views(self, remake=False):
-        """A (r, k) and Bcat (D, m), views of the shared bases, made once and again when those move (model.to(),
-        .half()) or are moved or cast by assigning buffer.data, as FSDP does, which no module hook sees."""
+        """A (r, k), Bcat (D, m): views of the shared bases, made again when they move (also by FSDP's .data =)."""
         B = self._shared.B                                              # (n_max, D_max, r)
         if remake or self.Bcat.device != B.device or self.Bcat.dtype != B.dtype:
             self.A = self._shared.A[:, : self.k]                                # (r, k)
             self.Bcat = B[: self.n, : self.D].transpose(0, 1).reshape(self.D, -1)  # (D, m), a view
         return self.A, self.Bcat
-
-    def extra_repr(self):
-        return f"k={self.k}, D={self.D}, r={self.r}, n={self.n}, scale={self.scale:g}, merged={self.merged}"
 
     def delta_weight(self, at_merge=False) -> torch.Tensor:
         """DeltaW in the base weight's layout ((in, out) for a Conv1D); `at_merge`: as last merged."""
@@ -278,7 +247,11 @@ class RandLoRA(_Update):
     def forward(self, W):                                               # as a parametrization
         if self.merged or self.disabled:
             return W
-        return RandLoRAWeightFunction.apply(W, self.lam, self.gam, *self.views(), self.scale, self.transposed)
+        A, Bcat = self.views()                                          # autograd keeps these views, lam and gam
+        dt = torch.promote_types(W.dtype, A.dtype)                      # W's, unless the bases are wider
+        with torch.autocast(W.device.type, enabled=False):              # (out, in), W's dtype under autocast too
+            return _to(_delta(_to(Bcat, dt), _to(_lq(self.lam, self.gam, A), dt), self.scale, self.transposed,
+                              _to(W, dt)), W.dtype)
 
 class LoRA(_Update):
     """The baseline DeltaW = (alpha / r) lora_B lora_A; lora_B (out, r) starts at 0, lora_A (r, in) U(+-1/sqrt(in))."""
@@ -307,16 +280,14 @@ class RandLoRALinear(RandLoRA):
         self.path = "auto"
 
     def chosen_path(self, T: int, grad: bool = True) -> str:
-        if self.path == "auto":
-            return "materialised" if T >= self.thresholds[grad] else "factored"
         if self.path not in PATHS:
             raise ValueError(f"layer.path must be one of {PATHS}, got {self.path!r}")
-        return self.path
+        return self.path if self.path != "auto" else "materialised" if T >= self.thresholds[grad] else "factored"
 
     def forward(self, x):
+        if self.merged or self.disabled:                                # the module it replaced computes
+            return self.synced_base()(x)
         W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
-        if self.merged or self.disabled:
-            return self.synced_base()(x) if self.disabled else F.linear(x, W, self.bias)
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point input, got {x.dtype}")
         mat = self.chosen_path(x.numel() // x.shape[-1], torch.is_grad_enabled()) == "materialised"
@@ -331,11 +302,9 @@ class LoRALinear(LoRA):
         self._adopt(base, dropout)
 
     def forward(self, x):
-        if self.disabled:
-            return self.synced_base()(x)                                # the module it replaced
+        if self.merged or self.disabled:                                # the module it replaced computes
+            return self.synced_base()(x)
         y = F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)   # (..., out)
-        if self.merged:
-            return y
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))        # (..., r)
         y2 = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r),   # y + s h B^T, fused
                          self.lora_B.to(x.dtype).T, alpha=self.scale)  # (T, out)
@@ -351,10 +320,6 @@ def _as_names(value, what: str) -> tuple:
     if not all(isinstance(v, str) and v for v in value):
         raise TypeError(f"{what} must be a string or a list of non-empty strings, got {value!r}")
     return value
-
-def _require_module(model):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
     real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -384,11 +349,10 @@ def _check_patchable(name: str, m: nn.Module, parents: list):
 def _find_targets(model, mods: tuple, params: tuple) -> list:
     """[(name, kind, module, weight)]: modules, then raw parameters, in model order (an aliased module once, under
     its first name). Validates everything, changes nothing."""
-    _require_module(model)
+    if adapters(model):                                                 # (and model is a Module)
+        raise ValueError("this model is already patched; patch a fresh copy of the base model instead")
     if not mods and not params:
         raise ValueError("nothing to adapt: pass target_modules (e.g. ['attn.qkv']) or target_parameters")
-    if any(isinstance(m, (_Update, SharedBases)) for m in model.modules()):
-        raise ValueError("this model is already patched; patch a fresh copy of the base model instead")
     every = list(model.named_modules(remove_duplicate=False))
     linear = {n: m for n, m in every if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
     raw = {n: p for n, p in model.named_parameters() if p.dim() == 2}
@@ -480,7 +444,8 @@ def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parame
 
 def adapters(model) -> dict:
     """{adapted name: (update module, frozen base weight Parameter)} in model order."""
-    _require_module(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, (RandLoRALinear, LoRALinear)):
@@ -491,10 +456,9 @@ def adapters(model) -> dict:
     return out
 
 def adapter_config(model) -> AdapterConfig:
-    _require_module(model)
-    for m in [m for m in model.modules() if isinstance(m, SharedBases)]:
-        return m.config
-    raise ValueError("this model has no adapters; call add_randlora(model, ...) or add_lora(model, ...) first")
+    if not adapters(model):
+        raise ValueError("this model has no adapters; call add_randlora(model, ...) or add_lora(model, ...) first")
+    return next(m.config for m in model.modules() if isinstance(m, SharedBases))
 
 def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=()) -> int:
     """The RandLoRA r whose count sum n (r + k) is closest to LoRA's sum lora_rank (in + out) (ties: the smaller)."""
@@ -609,25 +573,16 @@ def adapter_state_dict(model) -> dict:
     "<name>.gam": (n, k), ..}}: plain types and tensors, which torch.load(weights_only=True) reads."""
     return {**_header(model), "tensors": {key: p.detach().cpu().clone() for key, p in _saved(model).items()}}
 
-def _digest(state) -> str:
-    """sha256 of config, shapes and each tensor's name, dtype, shape and bytes (once validated)."""
-    h = hashlib.sha256(repr([sorted(state[k].items()) for k in ("config", "shapes")]).encode())
-    for key in sorted(state["tensors"]):
-        t = state["tensors"][key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 def load_adapter_state_dict(model, state) -> None:
     """Load into a model patched with the same config and layer shapes. Everything is checked (shapes before
-    values, the sha256 if the state has one) before anything is copied; errors never repr the file's objects."""
+    values) before anything is copied; errors never repr the file's objects."""
     want, params = _header(model), _saved(model)                      # no copy of the tensors
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
-    if not isinstance(state, dict) or not {"format_version", "config", "tensors"} <= set(state):
-        raise ValueError("not an adapter checkpoint: expected the dict written by adapter_state_dict()")
-    if type(state["format_version"]) is not int or state["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"checkpoint format is not {FORMAT_VERSION}: format 1 had s = alpha / r and gam from 1/k, "
-                         "this one alpha / (r sqrt(n)) and 1/D; retrain, or use the version that wrote it")
+    version = state.get("format_version") if isinstance(state, dict) and {"config", "tensors"} <= set(state) else None
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ValueError(f"not an adapter checkpoint of format {FORMAT_VERSION}, the dict adapter_state_dict() writes "
+                         "(format 1 had s = alpha / r and gam from 1/k, this one alpha / (r sqrt(n)) and 1/D)")
     saved, tensors = state["config"], state["tensors"]
     if not _is_plain(saved) or not isinstance(tensors, dict):
         raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
@@ -648,30 +603,29 @@ def load_adapter_state_dict(model, state) -> None:
             got = f"{t.dtype} of shape {tuple(t.shape)}" if dense else f"a {type(t).__name__}, not dense or on meta"
             raise ValueError(f"checkpoint entry {key!r} is {got} (or non-finite); the model expects a dense "
                              f"floating-point tensor of shape {tuple(p.shape)}")
-    if "sha256" in state and _digest(state) != state["sha256"]:
-        raise ValueError("adapter checkpoint fails its sha256 check: it changed after save_adapter wrote it")
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[key])
 
 def save_adapter(model, path) -> None:
-    """torch.save of adapter_state_dict and its sha256: torch.load checks no CRC of the zip's records."""
-    state = adapter_state_dict(model)
-    torch.save({**state, "sha256": _digest(state)}, path)
+    torch.save(adapter_state_dict(model), path)
 
 def load_adapter(model, path) -> None:
-    """torch.load(weights_only=True) of a small, uncompressed file, then load_adapter_state_dict's checks and the
-    sha256. A model without adapters is patched from the file's config first (and unpatched if loading fails)."""
-    _require_module(model)
-    patched, file = any(isinstance(m, SharedBases) for m in model.modules()), f"adapter checkpoint {str(path)!r}"
+    """torch.load(weights_only=True) of a small, uncompressed file whose records pass their CRC check, then
+    load_adapter_state_dict's checks. A model without adapters is patched from the file's config first (and
+    unpatched if loading fails)."""
+    patched, file = bool(adapters(model)), f"adapter checkpoint {str(path)!r}"
     limit = 8 * (sum(p.numel() for p in _saved(model).values()) if patched else    # 8 bytes an entry
                  2 * sum(p.numel() for p in model.parameters())) + 2**20          # (2 a parameter), + 1 MiB
     if os.path.getsize(path) > limit:                                   # before its zip directory is read
         raise ValueError(f"{file} is larger than the {limit} bytes this model's adapter can need")
     try:
-        records = zipfile.ZipFile(path).infolist()
-        if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > limit:
-            raise ValueError(f"its records are compressed or unpack to more than {limit} bytes")
+        with zipfile.ZipFile(path) as z:                                # torch.load checks no CRC: testzip does
+            rs = z.infolist()                                           # torch.load reads a "folder" record as junk
+            if any(r.compress_type or r.external_attr & 0x10 for r in rs) or sum(r.file_size for r in rs) > limit:
+                raise ValueError(f"its records are compressed, marked folders or unpack to more than {limit} bytes")
+            if z.testzip() is not None:
+                raise ValueError("a record fails its CRC check: the file changed after torch.save wrote it")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                             # truncated, tampered, not torch
         raise ValueError(f"could not read {file}: the file is damaged or not written by save_adapter "
