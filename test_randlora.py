@@ -218,16 +218,20 @@ def test_mha_out_proj_as_a_module_is_refused_with_the_fix():
     assert list(R.adapters(model)) == ["attn.in_proj_weight", "attn.out_proj.weight"]
 
 
-def test_parametrized_weights_keep_no_weight_sized_tensors_for_backward():
-    """The target_parameters path saves lam, gam and views of the bases, nothing (D, m)-sized."""
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_parametrized_weights_keep_no_weight_sized_tensors_for_backward(dtype, autocast):
+    """The target_parameters path saves lam, gam and views of the bases, nothing (D, m)-sized:
+    no cast copy of the bases either, under autocast or with bfloat16 weights."""
     torch.manual_seed(0)
-    model = nn.ModuleDict({"attn": nn.MultiheadAttention(64, 4, batch_first=True)})
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(64, 4, batch_first=True)}).to(dtype)
     R.add_randlora(model, [], 8, 1.0, target_parameters="in_proj_weight")
     owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        model["attn"].in_proj_weight
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        w = model["attn"].in_proj_weight
     assert saved and all(t.untyped_storage().data_ptr() in owned for t in saved)
+    assert w.dtype == dtype                                             # W + DeltaW in W's dtype, as merge forms it
 
 
 def test_target_parameters_adapt_multihead_attention_and_merge():
