@@ -229,7 +229,7 @@ class RandLoRA(_Update):
         self.views(remake=True)
 
     def views(self, remake=False):
-        """A (r, k), Bcat (D, m): views of the shared bases, made again when they move (also by FSDP's .data =)."""
+        """A (r, k), Bcat (D, m): views of the shared bases, made again once those move (.to(), FSDP's .data)."""
         B = self._shared.B                                              # (n_max, D_max, r)
         if remake or self.Bcat.device != B.device or self.Bcat.dtype != B.dtype:
             self.A = self._shared.A[:, : self.k]                                # (r, k)

@@ -2041,8 +2041,7 @@ def write_hostile_checkpoint(path, kind):
         state["format_version"] = value
     elif kind.endswith("config"):
         state["config"]["target_modules"] = value
-    digest = {} if kind.endswith("format_version") else {"sha256": "0" * 64}   # digested before it is checked
-    torch.save({**state, **digest}, path)
+    torch.save(state, path)
     if kind.startswith("100000"):
         rewrite_checkpoint(path, pickle_edit=deep)
     elif kind.startswith("deflated"):
