@@ -198,9 +198,8 @@ class _Update(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         keep = {k: getattr(self, k).data for n in _trainables(self) for k in (n, n + "_merged")}
         super()._apply(fn, *args, **kwargs)
-        for k, before in keep.items():                                  # moved, but kept float32 or wider
-            if getattr(self, k).element_size() < 4:
-                getattr(self, k).data = before.to(getattr(self, k).device)
+        for k in [k for k in keep if getattr(self, k).element_size() < 4]:   # moved, but kept float32 or wider
+            getattr(self, k).data = keep[k].to(getattr(self, k).device)
         return self
 
     def _adopt(self, base: nn.Module, dropout: float):                 # *Linear: share W and bias
@@ -285,9 +284,9 @@ class RandLoRALinear(RandLoRA):
         return self.path if self.path != "auto" else "materialised" if T >= self.thresholds[grad] else "factored"
 
     def forward(self, x):
-        if self.merged or self.disabled:                                # the module it replaced computes
-            return self.synced_base()(x)
         W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
+        if self.merged or self.disabled:                                # disabled: the module it replaced
+            return self.synced_base()(x) if self.disabled else F.linear(x, W, self.bias)
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point input, got {x.dtype}")
         mat = self.chosen_path(x.numel() // x.shape[-1], torch.is_grad_enabled()) == "materialised"
@@ -302,9 +301,11 @@ class LoRALinear(LoRA):
         self._adopt(base, dropout)
 
     def forward(self, x):
-        if self.merged or self.disabled:                                # the module it replaced computes
-            return self.synced_base()(x)
+        if self.disabled:
+            return self.synced_base()(x)                                # the module it replaced
         y = F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)   # (..., out)
+        if self.merged:
+            return y
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))        # (..., r)
         y2 = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r),   # y + s h B^T, fused
                          self.lora_B.to(x.dtype).T, alpha=self.scale)  # (T, out)
@@ -347,8 +348,7 @@ def _check_patchable(name: str, m: nn.Module, parents: list):
             raise ValueError(f"cannot patch {name!r}: {why}; use target_parameters=[{name + '.weight'!r}] instead")
 
 def _find_targets(model, mods: tuple, params: tuple) -> list:
-    """[(name, kind, module, weight)]: modules, then raw parameters, in model order (an aliased module once, under
-    its first name). Validates everything, changes nothing."""
+    """[(name, kind, module, weight)]: modules, then raw parameters, in model order (an aliased module once)."""
     if adapters(model):                                                 # (and model is a Module)
         raise ValueError("this model is already patched; patch a fresh copy of the base model instead")
     if not mods and not params:
@@ -611,9 +611,8 @@ def save_adapter(model, path) -> None:
     torch.save(adapter_state_dict(model), path)
 
 def load_adapter(model, path) -> None:
-    """torch.load(weights_only=True) of a small, uncompressed file whose records pass their CRC check, then
-    load_adapter_state_dict's checks. A model without adapters is patched from the file's config first (and
-    unpatched if loading fails)."""
+    """torch.load(weights_only=True) of a small file with sound zip records, then load_adapter_state_dict's checks;
+    a model without adapters is first patched from the file's config (and unpatched if loading fails)."""
     patched, file = bool(adapters(model)), f"adapter checkpoint {str(path)!r}"
     limit = 8 * (sum(p.numel() for p in _saved(model).values()) if patched else    # 8 bytes an entry
                  2 * sum(p.numel() for p in model.parameters())) + 2**20          # (2 a parameter), + 1 MiB
