@@ -136,7 +136,7 @@ class RandLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
         dev = x.device.type                                             # autocast decides, else x
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        dt = torch.get_autocast_dtype(dev) if not x.is_meta and torch.is_autocast_enabled(dev) else x.dtype
         ctx.save_for_backward(x, weight, bias, lam, gam, A, Bcat)      # x, and what exists anyway
         ctx.scale, ctx.transposed, ctx.materialise, ctx.dtype = scale, transposed, materialise, dt
         x2, Bc, LQ = _flat(x, dt), _to(Bcat, dt), _to(_lq(lam, gam, A), dt)   # (T, in), (D, m), (m, k)
@@ -248,7 +248,7 @@ class RandLoRA(_Update):
             return W
         A, Bcat = self.views()                                          # autograd keeps these views, lam and gam
         dt = torch.promote_types(W.dtype, A.dtype)                      # W's, unless the bases are wider
-        with torch.autocast(W.device.type, enabled=False):              # (out, in), W's dtype under autocast too
+        with contextlib.nullcontext() if W.is_meta else torch.autocast(W.device.type, enabled=False):   # W's dtype
             return _to(_delta(_to(Bcat, dt), _to(_lq(self.lam, self.gam, A), dt), self.scale, self.transposed,
                               _to(W, dt)), W.dtype)
 
@@ -409,9 +409,9 @@ def _patch(model, c: AdapterConfig) -> list:
         for name, _, _, w in [t for t in targets if not A[:, : min(t[3].shape)].any()]:
             raise ValueError(f"the {c.basis} bases of seed {c.seed} are zero on A's columns of {name!r}, so its "
                              "update would stay zero; raise r, or change seed or basis")
-        dts = {t[3].dtype for t in targets}                            # one dtype, or the float32 draws
-        dt, dev = dts.pop() if len(dts) == 1 else torch.float32, targets[0][3].device
-        shared = SharedBases(A.to(dev, dt), B.to(dev, dt), c)
+        dts = {t[3].dtype for t in targets}                            # one dtype, or the widest (>= float32)
+        dt = dts.pop() if len(dts) == 1 else max(dts | {torch.float32}, key=lambda d: torch.finfo(d).bits)
+        shared = SharedBases(A.to(targets[0][3].device, dt), B.to(targets[0][3].device, dt), c)
     else:
         shared, gen = SharedBases(torch.empty(0), torch.empty(0), c), torch.Generator("cpu").manual_seed(c.seed)
     model.requires_grad_(False)
@@ -456,9 +456,10 @@ def adapters(model) -> dict:
     return out
 
 def adapter_config(model) -> AdapterConfig:
-    if not adapters(model):
-        raise ValueError("this model has no adapters; call add_randlora(model, ...) or add_lora(model, ...) first")
-    return next(m.config for m in model.modules() if isinstance(m, SharedBases))
+    shared = [m.config for m in model.modules() if isinstance(m, SharedBases)] if adapters(model) else []
+    if not shared:                                                      # (a part of a patched model has none)
+        raise ValueError("no adapters with their bases in this model; patch it first, or pass the whole model")
+    return shared[0]
 
 def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=()) -> int:
     """The RandLoRA r whose count sum n (r + k) is closest to LoRA's sum lora_rank (in + out) (ties: the smaller)."""
@@ -621,8 +622,9 @@ def load_adapter(model, path) -> None:
     try:
         with zipfile.ZipFile(path) as z:                                # torch.load checks no CRC: testzip does
             rs = z.infolist()                                           # torch.load reads a "folder" record as junk
-            if any(r.compress_type or r.external_attr & 0x10 for r in rs) or sum(r.file_size for r in rs) > limit:
-                raise ValueError(f"its records are compressed, marked folders or unpack to more than {limit} bytes")
+            bad = len({r.filename.lower() for r in rs}) < len(rs) or sum(r.file_size for r in rs) > limit
+            if bad or any(r.compress_type or r.external_attr & 0x10 for r in rs):   # (testzip reads by name)
+                raise ValueError(f"its records repeat a name, are compressed or folders, or exceed {limit} bytes")
             if z.testzip() is not None:
                 raise ValueError("a record fails its CRC check: the file changed after torch.save wrote it")
         state = torch.load(path, map_location="cpu", weights_only=True)
