@@ -1987,9 +1987,9 @@ def rewrite_checkpoint(path, compression=0, pickle_edit=(b"", b""), extra_record
     with zipfile.ZipFile(io.BytesIO(raw)) as zin, zipfile.ZipFile(path, "w", compression, compresslevel=1) as zout:
         for info in zin.infolist():
             data = zin.read(info)
-            name = zipfile.ZipInfo(info.filename, info.date_time)
-            name.compress_type, name.external_attr = compression, 0x10 * bool(folder and info.filename.endswith(folder))
-            zout.writestr(name, data.replace(*pickle_edit) if info.filename.endswith("data.pkl") else data)
+            out = zipfile.ZipInfo(info.filename, info.date_time)         # the record as rewritten
+            out.compress_type, out.external_attr = compression, 0x10 * bool(folder and info.filename.endswith(folder))
+            zout.writestr(out, data.replace(*pickle_edit) if info.filename.endswith("data.pkl") else data)
         if extra_record:
             zout.writestr(zin.namelist()[0].split("/")[0] + "/extra", extra_record)
 
