@@ -221,8 +221,8 @@ class RandLoRA(_Update):
         super().__init__(fan_in_fan_out, lam=torch.zeros(n, r, **kw),  # (n, r)
                          gam=torch.full((n, k), 1 / D, **kw))          # (n, k)
         self.k, self.D, self.r, self.n, self.transposed, self.scale = k, D, r, n, tr, alpha / (r * math.sqrt(n))
-        self.thresholds = (math.ceil(D * k * m / (D * m + k * m)),     # (inference, training): docstring
-                           math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m)))
+        self.threshold_inference = math.ceil(D * k * m / (D * m + k * m))          # see the docstring
+        self.threshold_training = math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m))
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
         bases.layers.append(self)
         self.views(remake=True)
@@ -281,7 +281,10 @@ class RandLoRALinear(RandLoRA):
     def chosen_path(self, T: int, grad: bool = True) -> str:
         if self.path not in PATHS:
             raise ValueError(f"layer.path must be one of {PATHS}, got {self.path!r}")
-        return self.path if self.path != "auto" else "materialised" if T >= self.thresholds[grad] else "factored"
+        if self.path != "auto":
+            return self.path
+        threshold = self.threshold_training if grad else self.threshold_inference
+        return "materialised" if T >= threshold else "factored"
 
     def forward(self, x):
         W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
