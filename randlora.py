@@ -43,6 +43,7 @@ References
     [3] Hu et al., LoRA: Low-rank adaptation of large language models, ICLR 2022.
 """
 import contextlib
+import functools
 import math
 import os
 import zipfile
@@ -90,19 +91,52 @@ def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int
     B = _sample((math.ceil(k_max / r), D_max, r), basis, D_max, gen)    # (n_max, D_max, r)
     return A, B.transpose(0, 1).contiguous().transpose(0, 1)           # strides (r, n_max r, 1)
 
+def _bases_dtype(weight_dtypes: set) -> torch.dtype:
+    """The bases' dtype: the targets' one dtype, or the widest of several (float32 at least)."""
+    if len(weight_dtypes) == 1:
+        return next(iter(weight_dtypes))
+    return max(weight_dtypes | {torch.float32}, key=lambda d: torch.finfo(d).bits)
+
+
 class SharedBases(nn.Module):
-    """A_full and B_full once per model, as non-persistent buffers, of which every layer keeps views."""
+    """A_full and B_full once per model, as non-persistent buffers, of which every layer keeps views.
+
+    A child of the first adapted layer (`shared_bases`). They keep the dtype the layers' weights need
+    (`_bases_dtype`; `fit`, after any cast), so a cast of part of the model never changes another layer's
+    update; where they would come out uninitialised (`to_empty` after the meta device) or need to be
+    wider than they are, they are drawn again from the config's seed: the same bits as at patching."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, config: AdapterConfig):
         super().__init__()
-        self.config, self.layers = config, []                           # layers: plain references
+        self.config = config
+        self.layers = []                                                # RandLoRA layers: plain references
         self.register_buffer("A", A, persistent=False)                  # (r, k_max)
         self.register_buffer("B", B, persistent=False)                  # (n_max, D_max, r)
 
-    def _apply(self, fn, *args, **kwargs):                              # moved: every layer views it again
-        super()._apply(fn, *args, **kwargs)
+    def redraw(self, dtype: torch.dtype) -> None:
+        c = self.config
+        A, B = make_bases(c.r, self.A.shape[1], self.B.shape[1], c.basis, c.seed)
+        self.A = A.to(self.A.device, dtype)
+        self.B = B.to(self.B.device, dtype)
+
+    def fit(self) -> None:
+        """Bases in the dtype the layers' weights need now; every layer views them again."""
+        if self.layers and not self.B.is_meta:
+            wanted = _bases_dtype({layer.base_weight().dtype for layer in self.layers})
+            if torch.finfo(wanted).bits > torch.finfo(self.B.dtype).bits:
+                self.redraw(wanted)                                     # never widen rounded values
+            elif wanted != self.B.dtype:
+                self.A = self.A.to(wanted)
+                self.B = self.B.to(wanted)
         for layer in self.layers:
             layer.views(remake=True)
+
+    def _apply(self, fn, *args, **kwargs):
+        was_meta = self.B.is_meta
+        super()._apply(fn, *args, **kwargs)
+        if was_meta and not self.B.is_meta and self.layers:             # to_empty: uninitialised memory
+            self.redraw(self.B.dtype)
+        self.fit()
         return self
 
 # ---- The memory-saving autograd function -----------------------------------------------
@@ -129,16 +163,28 @@ def _wide(dt):                                  # float32, or dt where wider: ma
 def _flat(t, dt):                               # t as (T, features) in dtype dt, with no op where it is
     return _to(t if t.dim() == 2 else t.reshape(-1, t.shape[-1]), dt)
 
+def _compute_dtype(x, weight) -> torch.dtype:
+    """The dtype F.linear(x, weight) computes in: autocast's for float16/32 tensors (it leaves float64
+    alone), else the tensors' own; a TypeError where F.linear would refuse the pair."""
+    dev = x.device.type
+    autocast = not x.is_meta and torch.is_autocast_enabled(dev)
+    def cast(t):
+        return torch.get_autocast_dtype(dev) if autocast and t.dtype != torch.float64 else t.dtype
+    if weight is not None and cast(x) != cast(weight):
+        raise TypeError(f"input is {x.dtype} but the layer's weight is {weight.dtype}; nn.Linear refuses mixed "
+                        "dtypes too: cast the input (or the model), or run under torch.autocast")
+    return cast(x)
+
+
 class RandLoRAFunction(torch.autograd.Function):
     """y = x W^T + bias + x DeltaW^T (`weight=None`: the update alone; the path is the caller's). Saves x, and
     references to what exists anyway; DeltaW, W + DeltaW, G and the (T, m) projections are formed in backward."""
 
+    generate_vmap_rule = True                                           # torch.func.vmap runs it per sample
+
     @staticmethod
-    def forward(ctx, x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
-        dev = x.device.type                                             # autocast decides, else x
-        dt = torch.get_autocast_dtype(dev) if not x.is_meta and torch.is_autocast_enabled(dev) else x.dtype
-        ctx.save_for_backward(x, weight, bias, lam, gam, A, Bcat)      # x, and what exists anyway
-        ctx.scale, ctx.transposed, ctx.materialise, ctx.dtype = scale, transposed, materialise, dt
+    def forward(x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
+        dt = _compute_dtype(x, weight)                                  # autocast decides, else x
         x2, Bc, LQ = _flat(x, dt), _to(Bcat, dt), _to(_lq(lam, gam, A), dt)   # (T, in), (D, m), (m, k)
         w, b = _to(weight, dt), _to(bias, dt)                           # (out, in), (out,)
         if materialise:
@@ -147,6 +193,13 @@ class RandLoRAFunction(torch.autograd.Function):
             L, R = (Bc, LQ) if transposed else (LQ.T, Bc.T)             # (in, m), (m, out)
             y = _addmm(None if w is None else F.linear(x2, w, b), x2 @ L, R, scale)   # (T, out)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise = inputs
+        ctx.save_for_backward(x, weight, bias, lam, gam, A, Bcat)      # x, and what exists anyway
+        ctx.scale, ctx.transposed, ctx.materialise = scale, transposed, materialise
+        ctx.dtype = _compute_dtype(x, weight)
 
     @staticmethod
     def backward(ctx, gy):
@@ -179,14 +232,22 @@ class RandLoRAFunction(torch.autograd.Function):
 def _trainables(u) -> dict:
     return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
 
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
 class _Update(nn.Module):
     """What RandLoRA and LoRA share. state_dict records a merge (`merged_flag`, `<name>_merged`): unmerge takes
-    out what merge put in, even if an optimizer moved the trainables since. They stay float32 through .half()."""
+    out what merge put in, even if an optimizer moved the trainables since. They stay float32 through .half(),
+    and come back at their initial values from `to_empty` after the meta device."""
 
     def __init__(self, fan_in_fan_out: bool, **trainables):
         super().__init__()
-        self.fan_in_fan_out, self.merged, self.disabled = fan_in_fan_out, False, False
-        self.register_buffer("merged_flag", torch.tensor(False))
+        self.fan_in_fan_out = fan_in_fan_out
+        self.merged = False
+        self.disabled = False
+        device = next(iter(trainables.values())).device
+        self.register_buffer("merged_flag", torch.tensor(False, device=device))
         for name, t in trainables.items():                              # and what the last merge used
             setattr(self, name, nn.Parameter(t))
             self.register_buffer(name + "_merged", torch.zeros_like(t))
@@ -196,19 +257,72 @@ class _Update(nn.Module):
         self.merged = bool(self.merged_flag)
 
     def _apply(self, fn, *args, **kwargs):
-        keep = {k: getattr(self, k).data for n in _trainables(self) for k in (n, n + "_merged")}
+        was_meta = self.merged_flag.is_meta
+        keep = {}
+        for name in _trainables(self):
+            for key in (name, name + "_merged"):
+                t = getattr(self, key)
+                keep[key] = (t.data, None if t.grad is None else t.grad.data)
         super()._apply(fn, *args, **kwargs)
-        for k in [k for k in keep if getattr(self, k).element_size() < 4]:   # moved, but kept float32 or wider
-            getattr(self, k).data = keep[k].to(getattr(self, k).device)
+        if isinstance(self, RandLoRA):                                  # its weight may have changed dtype
+            self._shared.fit()
+        for key, (data, grad) in keep.items():
+            t = getattr(self, key)
+            if t.element_size() < 4 and not data.is_meta:               # moved, but kept float32 or wider
+                t.data = data.to(t.device)
+                t.grad = None if grad is None else grad.to(t.device)
+        if was_meta and not self.merged_flag.is_meta:                   # to_empty: uninitialised memory
+            self.reset_parameters()
         return self
 
-    def _adopt(self, base: nn.Module, dropout: float):                 # *Linear: share W and bias
-        self.weight, self.bias, self.dropout = base.weight, base.bias, nn.Dropout(dropout)
-        object.__setattr__(self, "base_layer", base)                    # not a child: no copies
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The trainables at their initial values (the same draw as at patching), no merge recorded."""
+        for name, value in self._initial().items():
+            getattr(self, name).copy_(value)
+            getattr(self, name + "_merged").zero_()
+        self.merged_flag.fill_(False)
+        self.merged = False
 
-    def synced_base(self) -> nn.Module:                                 # the module it replaced
-        self.base_layer.weight, self.base_layer.bias = self.weight, self.bias
+    def _adopt(self, base: nn.Module, dropout: float):
+        """*Linear: share W and bias with the module replaced, and take its mode and its hooks."""
+        self.weight = base.weight
+        self.bias = base.bias
+        self.dropout = nn.Dropout(dropout)
+        if self.fan_in_fan_out:
+            self.nf = base.nf                                           # what Conv1D's forward reads
+        object.__setattr__(self, "base_layer", base)                    # not a child: no copies
+        self.train(base.training)
+        _move_hooks(base, self)
+
+    def base_forward(self, x):
+        """The replaced module's own forward, run on this layer's weight and bias (bit for bit)."""
+        return type(self.base_layer).forward(self, x)
+
+    def synced_base(self) -> nn.Module:
+        """The module it replaced, with this layer's weight, bias, mode and hooks."""
+        self.base_layer.weight = self.weight
+        self.base_layer.bias = self.bias
+        self.base_layer.train(self.training)
+        _move_hooks(self, self.base_layer)
         return self.base_layer
+
+
+def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Hand src's forward/backward hooks (and an accelerate hook's wrapped forward) to dst. The hook
+    dicts move whole, so the handles that registered them still remove them."""
+    for attr in _HOOKS:
+        if hasattr(src, attr):
+            value = getattr(src, attr)
+            setattr(dst, attr, value)
+            setattr(src, attr, type(value)() if value is not None else None)
+    if "forward" in vars(src) and hasattr(src, "_hf_hook"):             # accelerate: partial(new_forward, src)
+        dst._hf_hook = src._hf_hook
+        dst._old_forward = type(dst).forward.__get__(dst)
+        dst.forward = functools.partial(vars(src)["forward"].func, dst)
+        for attr in ("forward", "_hf_hook", "_old_forward"):
+            delattr(src, attr)
+
 
 class RandLoRA(_Update):
     """The update of one frozen weight (lam, gam, views of the bases); alone, a parametrization W -> W + DeltaW."""
@@ -217,15 +331,29 @@ class RandLoRA(_Update):
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
         k, D, tr = min(in_f, out_f), max(in_f, out_f), in_f > out_f
         n, m = math.ceil(k / r), math.ceil(k / r) * r
-        kw = dict(device=weight.device, dtype=_wide(weight.dtype))     # float32 masters for bf16/fp16
+        kw = dict(device=weight.device, dtype=_wide(weight.dtype))    # float32 masters for bf16/fp16
+        gam0 = 1 / D
         super().__init__(fan_in_fan_out, lam=torch.zeros(n, r, **kw),  # (n, r)
-                         gam=torch.full((n, k), 1 / D, **kw))          # (n, k)
-        self.k, self.D, self.r, self.n, self.transposed, self.scale = k, D, r, n, tr, alpha / (r * math.sqrt(n))
+                         gam=torch.full((n, k), gam0, **kw))      # (n, k)
+        self.k, self.D, self.r, self.n, self.transposed = k, D, r, n, tr
+        self.scale = alpha / (r * math.sqrt(n))
+        self.gam0 = gam0
         self.threshold_inference = math.ceil(D * k * m / (D * m + k * m))          # see the docstring
         self.threshold_training = math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m))
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
+        object.__setattr__(self, "_owner", None)                        # set when it parametrizes a weight
         bases.layers.append(self)
         self.views(remake=True)
+
+    def _initial(self) -> dict:
+        return {"lam": torch.zeros_like(self.lam), "gam": torch.full_like(self.gam, self.gam0)}
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight this update adapts."""
+        if self._owner is None:
+            return self.weight
+        owner, name = self._owner
+        return getattr(owner.parametrizations, name).original
 
     def views(self, remake=False):
         """A (r, k), Bcat (D, m): views of the shared bases, made again once those move (.to(), FSDP's .data)."""
@@ -252,15 +380,25 @@ class RandLoRA(_Update):
             return _to(_delta(_to(Bcat, dt), _to(_lq(self.lam, self.gam, A), dt), self.scale, self.transposed,
                               _to(W, dt)), W.dtype)
 
+
 class LoRA(_Update):
     """The baseline DeltaW = (alpha / r) lora_B lora_A; lora_B (out, r) starts at 0, lora_A (r, in) U(+-1/sqrt(in))."""
 
     def __init__(self, weight, r, alpha, gen: torch.Generator, fan_in_fan_out=False):
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
         kw = dict(device=weight.device, dtype=_wide(weight.dtype))
-        a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)
+        draw_state = gen.get_state()                               # to draw lora_A again after to_empty
+        a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)     # (r, in)
         super().__init__(fan_in_fan_out, lora_A=a.to(**kw), lora_B=torch.zeros(out_f, r, **kw))   # (r, in), (out, r)
         self.r, self.scale = r, alpha / r
+        self.draw_state = draw_state
+
+    def _initial(self) -> dict:
+        gen = torch.Generator("cpu")
+        gen.set_state(self.draw_state)
+        r, in_f = self.lora_A.shape
+        a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)     # (r, in)
+        return {"lora_A": a, "lora_B": torch.zeros_like(self.lora_B)}
 
     def delta_weight(self, at_merge=False) -> torch.Tensor:
         B, A = (self.lora_B_merged, self.lora_A_merged) if at_merge else (self.lora_B, self.lora_A)
@@ -270,6 +408,7 @@ class LoRA(_Update):
     def forward(self, W):                                               # as a parametrization
         return W if self.merged or self.disabled else W + self.delta_weight().to(W.dtype)
 
+
 class RandLoRALinear(RandLoRA):
     """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the docstring's rule), or one forced."""
 
@@ -278,25 +417,34 @@ class RandLoRALinear(RandLoRA):
         self._adopt(base, dropout)
         self.path = "auto"
 
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in PATHS:
+            raise ValueError(f"layer.path must be one of {PATHS}, got {value!r}")
+        self._path = value
+
     def chosen_path(self, T: int, grad: bool = True) -> str:
-        if self.path not in PATHS:
-            raise ValueError(f"layer.path must be one of {PATHS}, got {self.path!r}")
-        if self.path != "auto":
-            return self.path
+        if self._path != "auto":
+            return self._path
         threshold = self.threshold_training if grad else self.threshold_inference
         return "materialised" if T >= threshold else "factored"
 
     def forward(self, x):
-        W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
-        if self.merged or self.disabled:                                # disabled: the module it replaced
-            return self.synced_base()(x) if self.disabled else F.linear(x, W, self.bias)
+        if self.merged or self.disabled:                                # the replaced module's computation
+            return self.base_forward(x)
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point input, got {x.dtype}")
+        W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
         mat = self.chosen_path(x.numel() // x.shape[-1], torch.is_grad_enabled()) == "materialised"
         args = (self.lam, self.gam, *self.views(), self.scale, self.transposed, mat)
         if self.training and self.dropout.p > 0:                       # the update sees other x
-            return F.linear(x, W, self.bias) + RandLoRAFunction.apply(self.dropout(x), None, None, *args)
+            return self.base_forward(x) + RandLoRAFunction.apply(self.dropout(x), None, None, *args)
         return RandLoRAFunction.apply(x, W, self.bias, *args)
+
 
 class LoRALinear(LoRA):
     def __init__(self, base: nn.Module, r, alpha, gen, dropout=0.0):
@@ -304,15 +452,14 @@ class LoRALinear(LoRA):
         self._adopt(base, dropout)
 
     def forward(self, x):
-        if self.disabled:
-            return self.synced_base()(x)                                # the module it replaced
-        y = F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)   # (..., out)
-        if self.merged:
+        y = self.base_forward(x)                                        # (..., out)
+        if self.merged or self.disabled:
             return y
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))        # (..., r)
         y2 = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r),   # y + s h B^T, fused
                          self.lora_B.to(x.dtype).T, alpha=self.scale)  # (T, out)
         return y2.reshape(y.shape)
+
 
 # ---- Patching --------------------------------------------------------------------------
 
@@ -320,35 +467,60 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 def _as_names(value, what: str) -> tuple:
-    value = (value,) if isinstance(value, str) else tuple(value)
-    if not all(isinstance(v, str) and v for v in value):
-        raise TypeError(f"{what} must be a string or a list of non-empty strings, got {value!r}")
-    return value
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        shown = repr(value)[:200]
+        raise TypeError(f"{what} must be a string or a list of non-empty strings, got {shown}")
+    return tuple(value)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+MAX_ALPHA = 1e6                                 # |alpha| above this overflows float32 updates at init
+
 
 def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
-    real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if type(r) is not int or type(seed) is not int:
         raise TypeError(f"r and seed must be ints, got r={r!r}, seed={seed!r}")
-    for ok, message in ((r >= 1, f"r must be >= 1, got {r}"),
-                        (-2**63 <= seed < 2**64, "seed must lie in [-2**63, 2**64)"),
-                        (real(alpha) and alpha != 0, f"alpha must be a finite non-zero number, got {alpha!r}"),
-                        (real(dropout) and 0 <= dropout < 1, f"dropout must be a number in [0, 1), got {dropout!r}"),
-                        (basis in BASES, f"unknown basis {basis!r}; choose one of {BASES}")):
-        if not ok:
-            raise ValueError(message)
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError("seed must lie in [-2**63, 2**64)")
+    if not _is_real(alpha) or alpha == 0 or abs(alpha) > MAX_ALPHA:
+        raise ValueError(f"alpha must be a finite non-zero number of magnitude at most {MAX_ALPHA:g}, got {alpha!r}")
+    if not _is_real(dropout) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if basis not in BASES:
+        raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
+
+def _offloads(hook) -> bool:
+    """Whether an accelerate hook (or a SequentialHook of them) swaps the module's tensors in per call."""
+    return bool(getattr(hook, "offload", False)) or any(_offloads(h) for h in getattr(hook, "hooks", ()))
+
 
 def _check_patchable(name: str, m: nn.Module, parents: list):
     """Refuse a layer that a patched layer in its place would not compute like."""
     fused = [type(p).__name__ for p in parents if isinstance(p, (nn.MultiheadAttention, nn.TransformerEncoderLayer))]
-    for bad, why in ((fused, f"its parent {' and '.join(fused)} reads its weight directly (a fused path)"),
-                     (not isinstance(m.weight, nn.Parameter),
-                      "its weight is computed (weight norm or another parametrization or hook); remove that first"),
-                     (isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward,
-                      f"{type(m).__name__} has its own forward, which the patched layer would replace"),
-                     (not isinstance(m, nn.Linear) and getattr(m, "nf", None) != m.weight.shape[-1],
-                      "it is named Conv1D but is not Hugging Face's (weight (in, out), nf = out)")):
-        if bad:
-            raise ValueError(f"cannot patch {name!r}: {why}; use target_parameters=[{name + '.weight'!r}] instead")
+    why = None
+    if fused:
+        why = f"its parent {' and '.join(fused)} reads its weight directly (a fused path)"
+    elif not isinstance(m.weight, nn.Parameter):
+        why = "its weight is computed (weight norm or another parametrization or hook); remove that first"
+    elif isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
+        why = f"{type(m).__name__} has its own forward, which the patched layer would replace"
+    elif not isinstance(m, nn.Linear) and getattr(m, "nf", None) != m.weight.shape[-1]:
+        why = "it is named Conv1D but is not Hugging Face's (weight (in, out), nf = out)"
+    if why is not None:
+        raise ValueError(f"cannot patch {name!r}: {why}; use target_parameters=[{name + '.weight'!r}] instead")
+    if "forward" in vars(m) and not hasattr(m, "_hf_hook"):
+        raise ValueError(f"cannot patch {name!r}: its forward was replaced on the instance (module.forward = ...), "
+                         "which the patched layer cannot carry over; patch first, then wrap the patched layer")
+    if _offloads(getattr(m, "_hf_hook", None)):
+        raise ValueError(f"cannot patch {name!r}: accelerate offloads its weights (cpu_offload, or a device_map "
+                         "with 'cpu' or 'disk'); load the model onto devices that hold it, or patch it first")
 
 def _find_targets(model, mods: tuple, params: tuple) -> list:
     """[(name, kind, module, weight)]: modules, then raw parameters, in model order (an aliased module once)."""
@@ -394,43 +566,53 @@ def _replace(model, old: nn.Module, new: nn.Module):
 
 def _patch(model, c: AdapterConfig) -> list:
     """Validate everything, then freeze the model and install an adapter on every target."""
-    c = replace(c, **{f: _as_names(getattr(c, f), f) for f in ("target_modules", "target_parameters", "trainable")})
+    names = {f: _as_names(getattr(c, f), f) for f in ("target_modules", "target_parameters", "trainable")}
+    c = replace(c, **names)
     rand = c.method == "randlora"
     _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if rand else "uniform")
     targets = _find_targets(model, c.target_modules, c.target_parameters)
     extra = _extra_trainables(model, c.trainable, targets)
     for name, _, _, w in targets:
-        if w.is_meta:
-            raise ValueError(f"{name!r} is on the meta device; load the real weights before adapting them")
         if not w.is_floating_point():
             raise TypeError(f"{name!r} is {w.dtype}; adapt floating-point weights (dequantise them first)")
         if c.r > min(w.shape):
             raise ValueError(f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}")
+    device = targets[0][3].device
     if rand:
-        A, B = make_bases(c.r, max(min(t[3].shape) for t in targets), max(max(t[3].shape) for t in targets),
-                          c.basis, c.seed)
-        for name, _, _, w in [t for t in targets if not A[:, : min(t[3].shape)].any()]:
-            raise ValueError(f"the {c.basis} bases of seed {c.seed} are zero on A's columns of {name!r}, so its "
-                             "update would stay zero; raise r, or change seed or basis")
-        dts = {t[3].dtype for t in targets}                            # one dtype, or the widest (>= float32)
-        dt = dts.pop() if len(dts) == 1 else max(dts | {torch.float32}, key=lambda d: torch.finfo(d).bits)
-        shared = SharedBases(A.to(targets[0][3].device, dt), B.to(targets[0][3].device, dt), c)
+        k_max = max(min(t[3].shape) for t in targets)
+        D_max = max(max(t[3].shape) for t in targets)
+        A, B = make_bases(c.r, k_max, D_max, c.basis, c.seed)          # (r, k_max), (n_max, D_max, r)
+        for name, _, _, w in targets:
+            if not A[:, : min(w.shape)].any():
+                raise ValueError(f"the {c.basis} bases of seed {c.seed} are zero on A's columns of {name!r}, so "
+                                 "its update would stay zero; raise r, or change seed or basis")
+        dt = _bases_dtype({t[3].dtype for t in targets})
+        shared = SharedBases(A.to(device, dt), B.to(device, dt), c)
     else:
-        shared, gen = SharedBases(torch.empty(0), torch.empty(0), c), torch.Generator("cpu").manual_seed(c.seed)
+        shared = SharedBases(torch.empty(0, device=device), torch.empty(0, device=device), c)
+        gen = torch.Generator("cpu").manual_seed(c.seed)
+    shared.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
     for p in extra.values():
         p.requires_grad_(True)
     for i, (name, kind, mod, w) in enumerate(targets):
         if kind == "module":
-            layer = (RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout) if rand
-                     else LoRALinear(mod, c.r, c.alpha, gen, c.dropout))
+            if rand:
+                layer = RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout)
+            else:
+                layer = LoRALinear(mod, c.r, c.alpha, gen, c.dropout)
             _replace(model, mod, layer)
         else:
+            pname = name.rpartition(".")[2]
             layer = RandLoRA(w, shared, c.r, c.alpha) if rand else LoRA(w, c.r, c.alpha, gen)
-            parametrize.register_parametrization(mod, name.rpartition(".")[2], layer)
+            parametrize.register_parametrization(mod, pname, layer)
+            mod.parametrizations.train(mod.training)                    # new modules take their owner's mode
+            object.__setattr__(layer, "_owner", (mod, pname))
         if i == 0:
-            layer.shared_bases = shared                                # registered once, here
+            layer.shared_bases = shared                                 # registered once, here
+            shared.train(mod.training)
     return [t[0] for t in targets]
+
 
 def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0, target_parameters=(),
                  trainable=()) -> list:
@@ -483,29 +665,54 @@ def _shifted(u, w, merge: bool) -> torch.Tensor:
     dt = _wide(w.dtype)
     return w.to(dt).add(u.delta_weight(at_merge=not merge).to(dt), alpha=1 if merge else -1).to(w.dtype)
 
-@torch.no_grad()
-def _set_merged(model, merged: bool) -> int:
-    todo = {name: (u, w) for name, (u, w) in adapters(model).items() if u.merged != merged}
-    holders = {}                                                        # storage -> names, each module once
+def _memory(t: torch.Tensor) -> tuple:
+    """(storage, first byte, end byte) of the memory a tensor's elements span."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return t.untyped_storage().data_ptr(), start, start + extent * t.element_size()
+
+
+def _sharers(model, w: torch.Tensor) -> list:
+    """Names of the model's parameters and buffers whose memory overlaps w's (w's own name among them)."""
+    storage, start, end = _memory(w)
+    names = []
     for mname, mod in model.named_modules():
         for pname, t in [*mod._parameters.items(), *mod._buffers.items()]:
-            if t is not None and t.numel():
-                holders.setdefault(t.untyped_storage().data_ptr(), []).append(f"{mname}.{pname}".lstrip("."))
+            if t is None or not t.numel():
+                continue
+            s, a, b = _memory(t)
+            if s == storage and a < end and start < b:
+                names.append(f"{mname}.{pname}".lstrip("."))
+    return names
+
+
+@torch.no_grad()
+def _set_merged(model, merged: bool) -> int:
+    ups = adapters(model)
+    if any(u.disabled for u, _ in ups.values()):
+        raise ValueError("the adapters are disabled (inside disable_adapters); merge, unmerge or unload after it")
+    todo = {name: (u, w) for name, (u, w) in ups.items() if u.merged != merged}
     for name, (u, w) in todo.items():                                  # check everything first
-        tied = holders[w.untyped_storage().data_ptr()]
+        if w.is_meta:
+            raise ValueError(f"{name!r} is on the meta device; bring the model to a device and load its weights "
+                             "(model.to_empty(device=...), then load_state_dict) before merging")
+        tied = _sharers(model, w)
         if len(tied) > 1:
-            raise ValueError(f"{tied[0]} and {tied[1]} are one tied tensor; merging {name!r} would change both. "
-                             f"Untie them (assign a clone) or leave {name!r} out; unmerged, the model is correct")
+            raise ValueError(f"{tied[0]} and {tied[1]} are one tied tensor (they share memory); merging {name!r} "
+                             f"would change both. Untie them (assign a clone) or leave {name!r} out; unmerged, the "
+                             "model is correct")
         if not torch.isfinite(_shifted(u, w, merged)).all():
             raise ValueError(f"{'merging' if merged else 'unmerging'} {name!r} would give non-finite "
                              "weights; nothing was changed (check lam/gam and the weight's dtype range)")
     for u, w in todo.values():
-        for key, p in _trainables(u).items() if merged else ():       # record what goes in
-            getattr(u, key + "_merged").copy_(p)
+        if merged:                                                      # record what goes in
+            for key, p in _trainables(u).items():
+                getattr(u, key + "_merged").copy_(p)
         w.copy_(_shifted(u, w, merged))
         u.merged = merged
         u.merged_flag.fill_(merged)
     return len(todo)
+
 
 def merge(model) -> int:
     """Fold every DeltaW into its base weight; layers then run at the base model's speed.
@@ -517,31 +724,49 @@ def unmerge(model) -> int:
     return _set_merged(model, False)
 
 def _unpatch(model, keep_update: bool) -> nn.Module:
-    """The original modules back; raw weights keep their parametrizations' value (W + DeltaW, and any
-    parametrization stacked after it) if `keep_update`, else their stored weight."""
+    """The original modules back (with their hooks and mode); raw weights keep their parametrizations'
+    value (W + DeltaW, and any parametrization stacked after it) if `keep_update`, else their stored
+    weight; every parameter's requires_grad as it was before patching."""
+    shared = [m for m in model.modules() if isinstance(m, SharedBases)]
     for name, (u, w) in adapters(model).items():
         if isinstance(u, (RandLoRALinear, LoRALinear)):
             _replace(model, u, u.synced_base())
         else:
             owner, _, attr = name.rpartition(".")
             parametrize.remove_parametrizations(model.get_submodule(owner), attr, leave_parametrized=keep_update)
+    if shared:
+        for n, p in model.named_parameters():
+            p.requires_grad_(shared[0].requires_grad_before.get(n, p.requires_grad))
     return model
 
+
 def unload(model) -> nn.Module:
-    """Merge, then give the plain model back: its original modules, no parametrizations, the base state_dict keys."""
+    """Merge, then give the plain model back: its original modules, no parametrizations, the base state_dict
+    keys, each parameter's requires_grad as before patching. Raises ValueError where merge would."""
     merge(model)                                                        # refuses tied weights
     return _unpatch(model, keep_update=True)
 
+
 @contextlib.contextmanager
 def disable_adapters(model):
-    """Inside: the base model's function (bit for bit if unmerged), trainables not requiring grad. After: as before."""
+    """Inside: the base model's function (bit for bit if unmerged), trainables not requiring grad. After: as
+    before. Nested blocks keep the adapters off until the outermost one ends; merge, unmerge, unload and
+    loading are refused inside. A model without adapters is a ValueError."""
     ups = [u for u, _ in adapters(model).values()]
-    merged, grads = any(u.merged for u in ups), {p: p.requires_grad for u in ups for p in _trainables(u).values()}
+    if not ups:
+        raise ValueError("this model has no adapters to disable; patch it first (add_randlora, load_adapter)")
+    if any(u.disabled for u in ups):                                    # nested: the outer block owns the switch
+        yield model
+        return
+    merged = any(u.merged for u in ups)
+    grads = {p: p.requires_grad for u in ups for p in _trainables(u).values()}
+
     def switch(off: bool):
         for u in ups:
             u.disabled = off
         for p, wanted in grads.items():
             p.requires_grad_(wanted and not off)
+
     unmerge(model)
     try:
         switch(off=True)
@@ -550,6 +775,7 @@ def disable_adapters(model):
         switch(off=False)
         if merged:
             merge(model)
+
 
 # ---- Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases ----
 

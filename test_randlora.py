@@ -1570,7 +1570,9 @@ def test_low_precision_weights_keep_float32_scalings_and_output_follows_input(dt
     reference = copy.deepcopy(model).double()                 # the same numbers, exactly widened
     x64 = torch.randn(5, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y_ref = reference(x64)
-    for x_dtype in (dtype, torch.float32):
+    with pytest.raises((TypeError, RuntimeError), match="dtype"):     # as nn.Linear refuses it
+        model(x64.float())
+    for x_dtype in (dtype,):
         x = x64.to(x_dtype).requires_grad_()
         y = model(x)
         assert y.dtype == x_dtype
@@ -2343,9 +2345,8 @@ def test_path_flips_where_materialising_becomes_cheaper(name, grad):
     assert 0.2 * layer.k < flip <= 2 * layer.k                            # "below roughly k"
     layer.path = "factored"
     assert layer.chosen_path(10 ** 9, grad) == "factored"
-    layer.path = "factorised"
     with pytest.raises(ValueError, match="path must be one of"):
-        layer(torch.randn(2, layer.weight.shape[1]))
+        layer.path = "factorised"
 
 
 @pytest.mark.parametrize("basis", ["uniform", "very_sparse"])
@@ -2593,11 +2594,12 @@ def test_half_after_patching_keeps_float32_masters():
     assert model[0].lam.dtype == torch.float64
 
 
-def test_a_meta_device_model_is_refused_with_what_to_do():
+def test_a_meta_device_model_patches_and_merging_it_is_refused_with_what_to_do():
     with torch.device("meta"):
         model = small_mlp()
-    with pytest.raises(ValueError, match="meta device"):
-        R.add_randlora(model, ["0"], r=2, alpha=4.0)
+    R.add_randlora(model, ["0"], r=2, alpha=4.0)
+    with pytest.raises(ValueError, match="meta device.*to_empty"):
+        R.merge(model)
 
 
 def test_a_part_of_a_patched_model_without_the_bases_gets_a_value_error():
@@ -2791,3 +2793,323 @@ def test_unloaded_gpt2_reloads_with_from_pretrained_as_a_plain_model(tmp_path):
     plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert not any("lam" in k or "gam" in k for k in plain.state_dict())
     torch.testing.assert_close(plain(ids).logits, want)
+
+
+# --------------------------------------------------------------------------- the workflows around the maths
+
+
+def two_layer(dtype=torch.float32, seed=0):
+    """Linear(8, 12) -> GELU -> Linear(12, 8), built without touching the global RNG."""
+    return small_mlp(8, 12, 8, dtype=dtype, seed=seed)
+
+
+ADD = {"randlora": R.add_randlora, "lora": R.add_lora}
+
+
+@pytest.mark.parametrize("method", ["randlora", "lora"])
+@pytest.mark.parametrize("route", ["module", "parameter"])
+def test_adapter_layers_take_the_mode_of_the_module_they_replace(method, route, tmp_path):
+    """An eval() model patched, or loaded from a file, stays deterministic: dropout stays off."""
+    def patch(model):
+        mods, params = (["0", "2"], []) if route == "module" else ([], ["0.weight", "2.weight"])
+        ADD[method](model, mods, r=2, alpha=4.0, dropout=0.5, target_parameters=params)
+    trained = two_layer()
+    patch(trained)
+    randomise(trained)
+    R.save_adapter(trained, tmp_path / "a")
+    trained.eval()
+    x = torch.randn(5, 8)
+    loaded = two_layer().eval()
+    R.load_adapter(loaded, tmp_path / "a")
+    patched = two_layer().eval()
+    patch(patched)
+    patched.load_state_dict(trained.state_dict())
+    for model in (loaded, patched):
+        assert not any(m.training for m in model.modules())
+        assert torch.equal(model(x), model(x)) and torch.equal(model(x), trained(x))
+    training = two_layer()
+    patch(training)
+    assert all(u.training for u, _ in R.adapters(training).values())
+
+
+class DoubleInput:
+    """A forward pre-hook that doubles the input: a change the patched layer must still see."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, module, args):
+        self.calls += 1
+        return (2 * args[0],)
+
+
+@pytest.mark.parametrize("method", ["randlora", "lora"])
+def test_hooks_on_a_target_keep_working_once_and_come_back_with_unload(method):
+    base, model = two_layer(), two_layer()
+    pre, seen = DoubleInput(), []
+    base[0].register_forward_pre_hook(DoubleInput())
+    model[0].register_forward_pre_hook(pre)
+    handle = model[0].register_forward_hook(lambda m, a, y: seen.append(y.shape))
+    model_pre = model[0]._forward_pre_hooks
+    ADD[method](model, ["0", "2"], r=2, alpha=4.0)
+    assert len(model_pre) == 1                                             # moved, not copied
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)         # lam = 0 / lora_B = 0 at init
+    set_update_size(model, 0.3) if method == "randlora" else randomise(model)
+    n_pre, n_seen = pre.calls, len(seen)
+    adapted = model(x)
+    assert pre.calls == n_pre + 1                                          # once per call, not zero, not two
+    with R.disable_adapters(model):
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    R.unload(model)
+    n_pre = pre.calls
+    torch.testing.assert_close(model(x), adapted, rtol=1e-6, atol=1e-6)   # the hook still applied once
+    assert pre.calls == n_pre + 1 and len(seen) >= n_seen + 2
+    handle.remove()                                                        # handles still reach the hooks
+
+
+def test_accelerate_hooks_are_carried_and_offloading_is_refused():
+    hooks = pytest.importorskip("accelerate.hooks")
+    accelerate = pytest.importorskip("accelerate")
+
+    class Double(hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return (2 * args[0],), kwargs
+
+    base = two_layer()
+    hooks.add_hook_to_module(base[0], hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    hooks.add_hook_to_module(base[0], Double(), append=True)
+    model = copy.deepcopy(base)
+    R.add_randlora(model, ["0", "2"], r=2, alpha=4.0)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    set_update_size(model, 0.3)
+    want = model(x)
+    lam = model[0].lam.detach().clone()
+    lam.requires_grad_(True)
+    model(x).sum().backward()
+    assert model[0].lam.grad is not None                                  # gradients pass the wrapped forward
+    R.unload(model)
+    torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
+    assert isinstance(model[0], nn.Linear) and hasattr(model[0], "_hf_hook")
+    offloaded = two_layer()
+    accelerate.cpu_offload(offloaded, execution_device="cpu")
+    with pytest.raises(ValueError, match="offloads"):
+        R.add_randlora(offloaded, ["0"], r=2, alpha=4.0)
+    assert not R.adapters(offloaded)
+
+
+def test_a_forward_replaced_on_the_instance_is_refused_by_name():
+    model = two_layer()
+    model[0].forward = lambda x: nn.Linear.forward(model[0], 2 * x)
+    with pytest.raises(ValueError, match="replaced on the instance"):
+        R.add_randlora(model, ["0"], r=2, alpha=4.0)
+    assert isinstance(model[0], nn.Linear) and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["randlora", "lora"])
+@pytest.mark.parametrize("route", ["module", "parameter"])
+def test_meta_built_patched_to_empty_and_loaded_equals_patching_real_weights(method, route):
+    """The large-model recipe: build on meta, patch, to_empty, load the base weights."""
+    mods, params = (["0", "2"], []) if route == "module" else (["2"], ["0.weight"])
+    real = two_layer()
+    weights = copy.deepcopy(real.state_dict())
+    ADD[method](real, mods, r=3, alpha=4.0, seed=5, target_parameters=params)
+    with torch.device("meta"):
+        meta = two_layer()
+    ADD[method](meta, mods, r=3, alpha=4.0, seed=5, target_parameters=params)
+    meta.to_empty(device="cpu")
+    missing, unexpected = meta.load_state_dict(
+        {(k.replace("0.weight", "0.parametrizations.weight.original") if params else k): v
+         for k, v in weights.items()}, strict=False)
+    assert not unexpected
+    assert torch.equal(meta.state_dict()["2.weight"], real.state_dict()["2.weight"])
+    for (name, (u, _)), (_, (v, _)) in zip(R.adapters(meta).items(), R.adapters(real).items(), strict=True):
+        for key, p in R._trainables(u).items():
+            assert torch.equal(p, R._trainables(v)[key]), (name, key)
+        if method == "randlora":
+            assert torch.equal(u.delta_weight(), v.delta_weight())
+    x = torch.randn(4, 8)
+    assert torch.equal(meta(x), real(x))
+    randomise(meta)
+    randomise(real)
+    assert torch.equal(meta(x), real(x))                                   # the same bases
+
+
+def test_a_patched_model_through_meta_and_to_empty_draws_its_bases_again():
+    model = two_layer()
+    R.add_randlora(model, ["0", "2"], r=2, alpha=4.0)
+    set_update_size(model, 0.3)
+    x = torch.randn(4, 8)
+    want = model(x)
+    state = copy.deepcopy(model.state_dict())
+    model.to("meta").to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(state)
+    assert not missing and not unexpected
+    assert torch.equal(model(x), want)
+
+
+def test_disable_adapters_nests_and_refuses_merging_inside():
+    base = two_layer()
+    model = copy.deepcopy(base)
+    R.add_randlora(model, ["0", "2"], r=2, alpha=4.0)
+    set_update_size(model, 0.3)
+    x = torch.randn(3, 8)
+    adapted = model(x)
+    with R.disable_adapters(model):
+        with R.disable_adapters(model):
+            assert torch.equal(model(x), base(x))
+        assert torch.equal(model(x), base(x))                              # still off after the inner block
+        for verb in (R.merge, R.unmerge, R.unload):
+            with pytest.raises(ValueError, match="disabled"):
+                verb(model)
+        assert torch.equal(model(x), base(x))
+    assert torch.equal(model(x), adapted)
+    plain = two_layer()
+    with pytest.raises(ValueError, match="no adapters"):
+        with R.disable_adapters(plain):
+            pass
+
+
+def outcome(f):
+    """The output's dtype and value, or 'error' where the call refuses its input."""
+    try:
+        y = f()
+    except (RuntimeError, TypeError):
+        return "error", None
+    return y.dtype, y
+
+
+@pytest.mark.parametrize("method,path", [("randlora", "materialised"), ("randlora", "factored"), ("lora", None)])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_merged_unmerged_and_disabled_accept_and_return_what_the_base_model_does(
+        method, path, w_dtype, x_dtype, autocast):
+    base = two_layer(dtype=w_dtype)
+    model = copy.deepcopy(base)
+    ADD[method](model, ["0", "2"], r=2, alpha=4.0)
+    if path:
+        for u, _ in R.adapters(model).values():
+            u.path = path
+    x = torch.randn(4, 8).to(x_dtype)
+
+    def call(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return m(x)
+    want, _ = outcome(lambda: call(base))
+    got, y = outcome(lambda: call(model))
+    assert got == want
+    with R.disable_adapters(model):
+        assert outcome(lambda: call(model))[0] == want
+    R.merge(model)
+    assert outcome(lambda: call(model))[0] == want
+
+
+def test_casting_part_of_a_model_never_changes_another_layers_update():
+    model = two_layer()
+    R.add_randlora(model, ["0", "2"], r=2, alpha=4.0)
+    set_update_size(model, 0.3)
+    other = model[2].delta_weight().clone()
+    w_other = model[2].weight.detach().clone()
+    model[0].half()                                                        # holds the shared bases
+    assert model[0].shared_bases.B.dtype == torch.float32
+    assert torch.equal(model[2].delta_weight(), other)
+    model[0].float()
+    R.merge(model)
+    model[0].half()
+    R.unmerge(model)
+    torch.testing.assert_close(model[2].weight, w_other, rtol=0, atol=1e-6)
+    model.half()                                                           # the whole model: half bases
+    assert model[0].shared_bases.B.dtype == torch.float16 == model[2].Bcat.dtype
+    model.float()                                                          # drawn again, not widened
+    assert torch.equal(model[2].delta_weight(), other)
+
+
+@pytest.mark.parametrize("alpha", [1e39, 1e300, -1e7, float("nan")])
+def test_an_alpha_that_would_overflow_is_refused(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        R.add_randlora(two_layer(), ["0"], r=2, alpha=alpha)
+
+
+def test_disjoint_views_of_one_storage_are_not_tied_but_overlapping_ones_are():
+    model = two_layer()
+    store = torch.randn(2 * 12 * 8)
+    with torch.no_grad():
+        model[0].weight = nn.Parameter(store[: 96].view(12, 8))
+        model[2].weight = nn.Parameter(store[96:].view(8, 12))
+    R.add_randlora(model, ["0", "2"], r=2, alpha=4.0)
+    set_update_size(model, 0.3)
+    assert R.merge(model) == 2
+    overlapping = two_layer()
+    with torch.no_grad():
+        overlapping[2].weight = nn.Parameter(overlapping[0].weight.view(-1)[:96].view(8, 12))
+    R.add_randlora(overlapping, ["2"], r=2, alpha=4.0)
+    set_update_size(overlapping, 0.3)
+    with pytest.raises(ValueError, match="share memory"):
+        R.merge(overlapping)
+
+
+@pytest.mark.parametrize("value", [None, 5, [3], [""]])
+def test_target_modules_that_are_not_names_are_a_type_error(value):
+    with pytest.raises(TypeError, match="target_modules must be a string or a list"):
+        R.add_randlora(two_layer(), value, r=2, alpha=4.0)
+
+
+@pytest.mark.parametrize("path", ["materialised", "factored"])
+def test_torch_func_grad_and_vmap_agree_with_autograd(path):
+    model = two_layer(dtype=torch.float64)
+    R.add_randlora(model, ["0", "2"], r=2, alpha=4.0)
+    set_update_size(model, 0.3)
+    for u, _ in R.adapters(model).values():
+        u.path = path
+    x = torch.randn(5, 8, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def loss(p, x):
+        return torch.func.functional_call(model, p, (x,)).square().sum()
+    grads = torch.func.grad(loss)(params, x)
+    loss(dict(model.named_parameters()), x).backward()
+    for k, g in grads.items():
+        torch.testing.assert_close(g, dict(model.named_parameters())[k].grad)
+    per_sample = torch.func.vmap(lambda xi: torch.func.functional_call(model, params, (xi[None],)))(x)
+    torch.testing.assert_close(per_sample.squeeze(1), model(x))
+
+
+def test_functional_call_works_inside_disable_adapters():
+    base = two_layer()
+    model = copy.deepcopy(base)
+    R.add_randlora(model, ["0", "2"], r=2, alpha=4.0)
+    set_update_size(model, 0.3)
+    x = torch.randn(3, 8)
+    params = dict(model.named_parameters())
+    with R.disable_adapters(model):
+        assert torch.equal(torch.func.functional_call(model, params, (x,)), base(x))
+
+
+def test_half_after_a_backward_keeps_float32_gradients_and_adam_steps():
+    model = two_layer()
+    R.add_randlora(model, ["0", "2"], r=2, alpha=4.0)
+    opt = torch.optim.Adam(R.adapters(model)["0"][0].parameters(), lr=1e-3)
+    model(torch.randn(3, 8)).sum().backward()
+    model.half()
+    assert model[0].lam.grad.dtype == torch.float32
+    opt.step()
+    assert torch.isfinite(model[0].lam).all()
+
+
+def test_an_unknown_path_is_refused_when_it_is_set():
+    model = two_layer()
+    R.add_randlora(model, ["0"], r=2, alpha=4.0)
+    with pytest.raises(ValueError, match="layer.path must be one of"):
+        model[0].path = "bogus"
+    assert model[0].path == "auto"
+
+
+def test_unload_gives_back_each_parameters_requires_grad():
+    model = two_layer()
+    model[2].bias.requires_grad_(False)
+    want = {n: p.requires_grad for n, p in model.named_parameters()}
+    R.add_randlora(model, ["0"], r=2, alpha=4.0)
+    R.unload(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == want
