@@ -1,5 +1,6 @@
 """Tests that read like the paper's claims. Float64 wherever exactness is the point; the
 oracle for eq. 4 is the literal loop over b with explicit diagonal matrices."""
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -1533,6 +1534,26 @@ def test_compiled_block_has_no_graph_break_and_matches_eager(backend, path):
     torch.testing.assert_close(y, y_eager)
     for g, g_eager in zip(grads, grads_eager, strict=True):
         torch.testing.assert_close(g, g_eager)
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "autocast"])
+def test_auto_path_compiles_without_a_graph_break(mode):
+    """path="auto" picks the path from T and grad mode while dynamo traces: no break on any torch."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        block = TinyBlock()
+    R.add_randlora(block, ["qkv", "proj", "fc1", "fc2"], r=4, alpha=8.0, dropout=0.1)
+    set_update_size(block, 0.5)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2))  # (B, T, d)
+    context = {"grad": contextlib.nullcontext(), "no_grad": torch.no_grad(),
+               "autocast": torch.autocast("cpu", dtype=torch.bfloat16)}[mode]
+    torch._dynamo.reset()
+    try:
+        with context:
+            explained = torch._dynamo.explain(block)(x)
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
 # --------------------------------------------------------------------------- mixed precision
