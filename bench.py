@@ -549,8 +549,9 @@ def table(rows, check_rows) -> str:
                   f"{ms(r['compiled_issue_ms']):>9} {ms(r['compiled_kernel_ms']):>9}" for r in dev]
     if check_rows:
         clocks = sorted({c["clock"] for c in check_rows} - {None})
-        lines += ["", f"targets: the median of the per-round ratios ({' and '.join(clocks) or 'no'} time), their middle "
-                      "half in brackets (inconclusive where it straddles the limit), the wall-clock ratio of medians"]
+        header = (f"targets: the median of the per-round ratios of {' and '.join(clocks) or 'no'} time, their middle "
+                  "half in brackets (inconclusive where it straddles the limit); wall: the wall-clock medians' ratio")
+        lines += ["", header]
         for c in check_rows:
             spread = f" [{c['low']:.3f}-{c['high']:.3f}]" if c["low"] != c["high"] else ""
             wall = f"  wall {c['wall']:.3f}" if c["clock"] == "cpu" else ""
