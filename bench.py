@@ -29,21 +29,32 @@ torch.no_grad, with 3x the repeats (the two do the same work, so only noise sepa
 Modes:
 
     python bench.py [--shape vit|llm|tiny] [--blocks N] [--tokens 256 1600 6400] [--repeats 5]
-                    [--warmup 1] [--methods ...] [--quick] [--json FILE] [--impl PATH/TO/old.py]
+                    [--warmup 1] [--methods ...] [--quick] [--json FILE] [--impl REV|PATH]
     python bench.py --overhead [--impl PATH]     tiny widths (d = 32, d_ff = 128, 12 blocks,
                     T = 64, LoRA rank 4, 30 repeats after 5 warmup), on one thread: the step
                     time is the framework's per-op cost, not arithmetic (with two threads each
                     matmul would also pay a thread hand-off, which hides the Python cost)
     python bench.py --device cuda|cpu [--dtype bf16 fp32] [--backend inductor] [--blocks 12]
                     eager and torch.compile'd step times, the one-time compile time apart, and
-                    from torch.profiler the CPU time to issue one step beside the device kernel
-                    time of that step (n/a on CPU); T = 6304 (32 images of 197 tokens) by default
+                    from torch.profiler the CPU time to issue one step beside the kernel time of
+                    one step (every kernel of the profiled steps, forward and backward, over
+                    their number); T = 6304 (32 images of 197 tokens) by default
 
-`--impl PATH` is an A/B run: the copy of randlora.py at PATH adds its LoRA and RandLoRA as
-extra interleaved methods (`lora@impl`, `randlora@impl`), and "x prev" is the current
-implementation's step time over that copy's, from the same run.
+`--impl REV|PATH` is an A/B run: randlora.py as of the git revision REV of this repository
+(copied into a temporary folder, deleted at the end), or the copy at PATH, adds its LoRA and
+RandLoRA as extra interleaved methods (`lora@impl`, `randlora@impl`), and "x prev" is the
+current implementation's step time over that copy's, from the same run.
 
-Targets, marked pass/miss from the numbers: saved bytes RandLoRA <= LoRA at every T;
+Verdicts. Every round runs each method once, so the two methods of a ratio ran under the same
+load; a target is judged on the median of the per-round ratios, of CPU time (this process's,
+all threads: the work done, which other processes disturb much less than the wall clock) on a
+CPU, of wall-clock time on a GPU (whose work the CPU clock does not see). The table gives the
+middle half of those ratios (their quartiles) beside the median: pass when the whole middle half
+is within the limit, MISS when the whole of it is above, and "inconclusive" when it straddles
+the limit, so that one loaded round cannot flip a verdict: run again, with more --repeats.
+Ratios without rounds (saved bytes, a single repeat) are judged on their value.
+
+Targets: saved bytes RandLoRA <= LoRA at every T;
 step time RandLoRA <= 1.3x LoRA at T = 6400, <= 1.9x at 1600, <= 2.5x at 256, and <= 1.1x
 full fine-tuning at 6400; merged inference within 3% of the base model; in the overhead mode
 RandLoRA <= 1.3x LoRA; with --impl, no step-time ratio current/previous above 1.05 at T = 256,
@@ -61,7 +72,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 # On a shared machine, OpenMP threads that spin while waiting stall whenever another process
@@ -136,6 +149,24 @@ def load_impl(path=None):
     sys.modules[name] = mod                                            # dataclasses look it up
     spec.loader.exec_module(mod)
     return mod
+
+
+def impl_file(spec: str, folder: str) -> str:
+    """The file for --impl: `spec` itself if it names a file, else randlora.py as of the git revision
+    `spec` of the repository that holds bench.py, written into `folder` (a temporary one)."""
+    if os.path.isfile(spec):
+        return spec
+    repo = os.path.dirname(os.path.abspath(__file__))
+    try:
+        source = subprocess.run(["git", "-C", repo, "show", f"{spec}:randlora.py"], capture_output=True,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = getattr(e, "stderr", b"").decode().strip() or str(e)
+        raise ValueError(f"--impl {spec!r} is neither a file nor a git revision of {repo} ({why})") from None
+    path = os.path.join(folder, "randlora_" + "".join(c if c.isalnum() else "_" for c in spec) + ".py")
+    with open(path, "wb") as f:
+        f.write(source)
+    return path
 
 
 def adamw(params):
@@ -224,13 +255,21 @@ def _medians(times, key):
     return {name: statistics.median(t[key]) for name, t in times.items()}
 
 
+def per_round(times, clock, pairs) -> dict:
+    """{ratio name: [a's time over b's, in each round]} for each (name, a, b) in pairs whose b ran:
+    a and b ran in the same round, under the same load. clock: "cpu" or "wall"."""
+    return {key: [x / y for x, y in zip(times[a][clock], times[b][clock])]
+            for key, a, b in pairs if b in times}
+
+
 def run(shape="vit", tokens=TOKENS, repeats=5, warmup=1, quick=False, impl=None, blocks=None,
         methods=METHODS, seed=0, log=None) -> list:
     """One row per (T, method): training step rows (kind "train") and merged-inference rows
     (kind "infer", methods "base" and "merged"). `quick`: one block, 2 repeats. `impl`: the
     path of a previous randlora.py, whose LoRA and RandLoRA run as the extra methods
     "lora@impl", "randlora@impl" (A/B in one run). Ratios (x_*) are of median wall-clock
-    times, cpu_x_* of median CPU times, within this run; x_prev = current / previous."""
+    times, cpu_x_* of median CPU times, within this run; x_prev = current / previous; rounds
+    holds each ratio per round, of CPU time, which checks() judges."""
     R = load_impl()
     R_prev = load_impl(impl) if impl else None
     if quick:
@@ -268,6 +307,8 @@ def run(shape="vit", tokens=TOKENS, repeats=5, warmup=1, quick=False, impl=None,
                 x_lora=ratio(med, m, "lora"), x_full=ratio(med, m, "full"),
                 cpu_x_lora=ratio(cpu, m, "lora"), cpu_x_full=ratio(cpu, m, "full"),
                 x_prev=ratio(med, m, m + "@impl"), cpu_x_prev=ratio(cpu, m, m + "@impl"),
+                clock="cpu", rounds=per_round(times, "cpu", [("x_lora", m, "lora"), ("x_full", m, "full"),
+                                                            ("x_prev", m, m + "@impl")]),
                 trainable=n_train, saved_bytes=saved_bytes(model, x),
                 paths=resolved_paths(model, T, impl_of[m])))
         if infer is not None:
@@ -278,7 +319,8 @@ def run(shape="vit", tokens=TOKENS, repeats=5, warmup=1, quick=False, impl=None,
             for k in infer:
                 rows.append(dict(kind="infer", shape=shape, T=T, method=k, ms=1e3 * med[k], cpu_ms=1e3 * cpu[k],
                                  times_ms=[1e3 * t for t in times[k]["wall"]],
-                                 x_base=med[k] / med["base"], cpu_x_base=cpu[k] / cpu["base"]))
+                                 x_base=med[k] / med["base"], cpu_x_base=cpu[k] / cpu["base"],
+                                 clock="cpu", rounds=per_round(times, "cpu", [("x_base", k, "base")])))
         if log:
             log(f"T={T} done")
     return rows
@@ -294,14 +336,14 @@ def device_run(shape="vit", tokens=DEVICE_TOKENS, dtypes=("bf16", "fp32"), devic
     compile_s               the first compiled step (dynamo capture, forward and backward
                             compilation), once, apart: not in compiled_ms. The optimizer step
                             stays eager; dynamo's cache is reset per (dtype, T)
-    *_issue_ms              torch.profiler: CPU time inside one step's call, the time to issue
-                            its ops (the queue is drained before each of PROFILED_STEPS steps;
-                            the profiler adds its own few microseconds per op)
-    *_kernel_ms             device time of the kernels that one step launches; None on CPU,
-                            where the profiler records no kernels
-    x_lora, x_full, compiled_x_lora, compiled_x_full: ratios of the medians within the run.
+    *_issue_ms              torch.profiler: wall time of one step's call on the calling thread, the
+                            time to issue its ops (the queue is drained before each of PROFILED_STEPS
+                            steps; the profiler adds its own few microseconds per op)
+    *_kernel_ms             torch.profiler: kernel time of one step, see `kernel_ms`
+    x_lora, x_full, compiled_x_lora, compiled_x_full: ratios of the medians within the run;
+    rounds: the same ratios per round (wall-clock time on CUDA, CPU time on a CPU), which checks()
+    judges.
     """
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
     R = load_impl()
@@ -328,7 +370,8 @@ def device_run(shape="vit", tokens=DEVICE_TOKENS, dtypes=("bf16", "fp32"), devic
                 sync()
                 compile_s[m] = time.perf_counter() - t0
             timed = {k: (lambda s=s: (s(), sync())) for k, s in steps.items()}
-            med = _medians(interleaved(timed, repeats, warmup), "wall")
+            times = interleaved(timed, repeats, warmup)
+            med = _medians(times, "wall")
             issue, kernel = {}, {}
             for k, step in steps.items():
                 with profile(activities=activities) as prof:
@@ -336,22 +379,52 @@ def device_run(shape="vit", tokens=DEVICE_TOKENS, dtypes=("bf16", "fp32"), devic
                         with record_function("bench.step"):
                             step()
                         sync()
-                ev = [e for e in prof.events() if e.name == "bench.step" and e.device_type == DeviceType.CPU]
-                issue[k] = statistics.mean(e.cpu_time_total for e in ev) / 1e3          # us -> ms
-                kernel[k] = statistics.mean(e.device_time_total for e in ev) / 1e3 if cuda else None
+                events = prof.events()
+                issue[k] = statistics.mean(e.cpu_time_total for e in events if e.name == "bench.step") / 1e3
+                kernel[k] = kernel_ms(events, torch.device(device).type, PROFILED_STEPS)
             for m in methods:
                 c = m + "/compiled"
+                rounds = per_round(times, "wall" if cuda else "cpu", [
+                    ("x_lora", m, "lora"), ("x_full", m, "full"),
+                    ("compiled_x_lora", c, "lora/compiled"), ("compiled_x_full", c, "full/compiled")])
                 rows.append(dict(
                     kind="device", device=device, dtype=dt, shape=shape, blocks=len(base), T=T, method=m,
                     eager_ms=1e3 * med[m], compiled_ms=1e3 * med[c], compile_s=compile_s[m],
                     x_lora=med[m] / med["lora"], x_full=med[m] / med["full"],
                     compiled_x_lora=med[c] / med["lora/compiled"], compiled_x_full=med[c] / med["full/compiled"],
+                    clock="wall" if cuda else "cpu", rounds=rounds,
                     eager_issue_ms=issue[m], eager_kernel_ms=kernel[m],
                     compiled_issue_ms=issue[c], compiled_kernel_ms=kernel[c]))
             if log:
                 log(f"{dt} T={T} done")
     torch._dynamo.reset()
     return rows
+
+
+def kernel_ms(events, device_type: str, steps: int) -> float | None:
+    """Kernel time per step, in ms, of a torch.profiler window of `steps` steps: the self time of
+    every kernel the window ran, forward and backward, over `steps`.
+
+    Every kernel, whichever thread launched it: backward's kernels are launched from autograd's
+    device threads, so a step's record_function range, which holds only what its own thread
+    launched, leaves them out. Self time, so that nothing is counted twice. On CUDA the kernels
+    are the profiler's device-side events (kernels, memcpy, memset) other than the device-side
+    copies of record_function ranges, which span kernels (None where the profiler does not mark
+    those, as torch.profiler's own table leaves them out by the same mark); on a CPU they are the
+    ATen ops (aten:: events; inductor's fused C++ kernels are not profiled, so a step compiled
+    with it counts only its ATen calls)."""
+    from torch.autograd import DeviceType
+
+    if device_type == "cpu":
+        us = sum(e.self_cpu_time_total for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::"))
+        return us / steps / 1e3                                        # us -> ms
+    kind = getattr(DeviceType, device_type.upper())
+    ours = [e for e in events if e.device_type == kind]
+    if not all(hasattr(e, "is_user_annotation") for e in ours):
+        return None
+    self_time = "self_device_time_total" if all(hasattr(e, "self_device_time_total") for e in ours) else \
+        "self_cuda_time_total"                                         # its name before torch 2.4
+    return sum(getattr(e, self_time) for e in ours if not e.is_user_annotation) / steps / 1e3
 
 
 def resolved_paths(model, T, R):
@@ -380,8 +453,25 @@ def _no_grad_forward(model, x):
         model(x)
 
 
+def judge(row, key, limit) -> dict:
+    """The verdict on the ratio row[key] against `limit` (see the module docstring): value is the
+    median of the row's per-round ratios (row["rounds"][key]), low and high their quartiles, the
+    middle half of the rounds; a ratio without rounds is its own value, low and high. ok: True
+    (pass) when high <= limit, False (MISS) when low > limit, None (inconclusive) between."""
+    rounds = (row.get("rounds") or {}).get(key)
+    values = rounds or [row[key]]
+    if len(values) > 1:
+        low, value, high = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        low = value = high = values[0]
+    ok = True if high <= limit else False if low > limit else None
+    return dict(value=value, low=low, high=high, limit=limit, ok=ok, wall=row[key],
+                clock=row.get("clock") if rounds else None)
+
+
 def checks(rows) -> list:
-    """The targets, each as {target, T, method, value, limit, ok}, from the rows."""
+    """The targets, each as {target, T, method, value, low, high, limit, ok, wall, clock}, from the
+    rows (see `judge`); wall is the ratio of the wall-clock medians, shown beside."""
     train = {(r["T"], r["method"]): r for r in rows if r["kind"] == "train"}
     out = []
     for method in ("randlora", "randlora_vsparse"):
@@ -389,34 +479,36 @@ def checks(rows) -> list:
             row, lora = train.get((T, method)), train.get((T, "lora"))
             if row is None or lora is None:
                 continue
-            out.append(dict(target="saved bytes <= LoRA", T=T, method=method,
-                            value=row["saved_bytes"] / lora["saved_bytes"], limit=1.0))
+            saved = dict(saved=row["saved_bytes"] / lora["saved_bytes"])
+            out.append(dict(target="saved bytes <= LoRA", T=T, method=method, **judge(saved, "saved", 1.0)))
             if row.get("shape") == "tiny":
-                out.append(dict(target="overhead step / LoRA", T=T, method=method, value=row["x_lora"],
-                                cpu=row.get("cpu_x_lora"), limit=OVERHEAD_TARGET))
+                out.append(dict(target="overhead step / LoRA", T=T, method=method,
+                                **judge(row, "x_lora", OVERHEAD_TARGET)))
             elif T in STEP_TARGETS:
-                out.append(dict(target="step time / LoRA", T=T, method=method, value=row["x_lora"],
-                                cpu=row.get("cpu_x_lora"), limit=STEP_TARGETS[T]))
+                out.append(dict(target="step time / LoRA", T=T, method=method,
+                                **judge(row, "x_lora", STEP_TARGETS[T])))
             if T == FULL_TARGET[0] and row.get("shape") != "tiny" and row["x_full"] is not None:
-                out.append(dict(target="step time / full FT", T=T, method=method, value=row["x_full"],
-                                cpu=row.get("cpu_x_full"), limit=FULL_TARGET[1]))
+                out.append(dict(target="step time / full FT", T=T, method=method,
+                                **judge(row, "x_full", FULL_TARGET[1])))
     for r in rows:
         if r["kind"] == "train" and r.get("x_prev") is not None and r["T"] in AB_TARGET[0]:
-            out.append(dict(target="step time / previous", T=r["T"], method=r["method"], value=r["x_prev"],
-                            cpu=r.get("cpu_x_prev"), limit=AB_TARGET[1]))
+            out.append(dict(target="step time / previous", T=r["T"], method=r["method"],
+                            **judge(r, "x_prev", AB_TARGET[1])))
     for r in rows:
         if r["kind"] == "infer" and r["method"] == "merged":
             out.append(dict(target="merged inference / base", T=r["T"], method="randlora",
-                            value=r["x_base"], cpu=r.get("cpu_x_base"), limit=MERGED_TARGET))
+                            **judge(r, "x_base", MERGED_TARGET)))
     for r in rows:
         if r["kind"] == "device" and r["method"] == "randlora" and \
                 all(r.get(k) == v for k, v in DEVICE_TARGET_AT.items()):
             for target, (key, limit) in DEVICE_TARGETS.items():
                 out.append(dict(target=f"{target} ({r['dtype']})", T=r["T"], method="randlora",
-                                value=r[key], limit=limit))
-    for c in out:
-        c["ok"] = c["value"] <= c["limit"]
+                                **judge(r, key, limit)))
     return out
+
+
+def verdict(check) -> str:
+    return {True: "pass", False: "MISS", None: "inconclusive"}[check["ok"]]
 
 
 def _fmt_bytes(n):
@@ -456,11 +548,15 @@ def table(rows, check_rows) -> str:
                   f"{ms(r['eager_issue_ms']):>9} {ms(r['eager_kernel_ms']):>9} "
                   f"{ms(r['compiled_issue_ms']):>9} {ms(r['compiled_kernel_ms']):>9}" for r in dev]
     if check_rows:
-        lines += ["", "targets, on wall-clock medians (CPU-time ratio in brackets)"]
+        clocks = sorted({c["clock"] for c in check_rows} - {None})
+        header = (f"targets: the median of the per-round ratios of {' and '.join(clocks) or 'no'} time, their middle "
+                  "half in brackets (inconclusive where it straddles the limit); wall: the wall-clock medians' ratio")
+        lines += ["", header]
         for c in check_rows:
-            cpu = f" [cpu {c['cpu']:.3f}]" if c.get("cpu") is not None else ""
-            lines.append(f"  {'pass' if c['ok'] else 'MISS'}  {c['target']:<27} T={c['T']:<5} {c['method']:<{w}} "
-                         f"{c['value']:.3f} (limit {c['limit']:g}){cpu}")
+            spread = f" [{c['low']:.3f}-{c['high']:.3f}]" if c["low"] != c["high"] else ""
+            wall = f"  wall {c['wall']:.3f}" if c["clock"] == "cpu" else ""
+            lines.append(f"  {verdict(c):<12}  {c['target']:<27} T={c['T']:<5} {c['method']:<{w}} "
+                         f"{c['value']:.3f}{spread} (limit {c['limit']:g}){wall}")
     return "\n".join(lines)
 
 
@@ -491,8 +587,8 @@ def main(argv=None):
                    help="with --device (default bf16 fp32 on cuda, fp32 on cpu)")
     p.add_argument("--backend", default="inductor", help="with --device: torch.compile's backend")
     p.add_argument("--json", metavar="FILE", help="write rows, checks and environment here")
-    p.add_argument("--impl", metavar="PATH", help="A/B: add this copy of randlora.py's LoRA and RandLoRA "
-                                                  "as extra methods, and the ratio current/previous")
+    p.add_argument("--impl", metavar="REV|PATH", help="A/B: add the LoRA and RandLoRA of randlora.py as of this "
+                   "git revision (or of this file) as extra methods, and the ratio current/previous")
     a = p.parse_args(argv)
     if a.overhead and a.shape not in (None, "tiny"):
         p.error("--overhead runs the tiny shape; drop --shape")
@@ -528,7 +624,12 @@ def main(argv=None):
         rows = device_run(shape, tokens, dtypes, a.device, repeats, warmup, blocks, tuple(a.methods),
                           a.backend, log=log)
     else:
-        rows = run(shape, tokens, repeats, warmup, a.quick, a.impl, blocks, tuple(a.methods), log=log)
+        with tempfile.TemporaryDirectory(prefix="bench-impl-") as folder:     # a revision's copy, deleted after
+            try:
+                impl = impl_file(a.impl, folder) if a.impl else None
+            except ValueError as e:
+                p.error(str(e))
+            rows = run(shape, tokens, repeats, warmup, a.quick, impl, blocks, tuple(a.methods), log=log)
     env["loadavg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     env["seconds"] = time.time() - t0
     cs = checks(rows)

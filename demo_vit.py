@@ -42,11 +42,16 @@ The table. method; r: LoRA's rank, or RandLoRA's basis rank (n = ceil(k / r) bas
 trainable: parameters that receive gradients, head included; test acc: top-1 accuracy on the test
 images, adapters merged into the weights as deployed; train time: wall clock of training (not of
 evaluation, nor of --compile's warm-up); time / full: train time over full fine-tuning's in the same
-run; compile (with --compile): the warm-up's wall time; memory: on a GPU the peak of
-torch.cuda.max_memory_allocated during training (weights, gradients, optimiser state, activations),
-on a CPU the bytes autograd saved for backward in one training step
-(torch.autograd.graph.saved_tensors_hooks; parameters, buffers and views of them not counted), the
-quantity the paper's memory-saving autograd function reduces.
+run; compile, recompiles (with --compile): the warm-up's wall time, and how many times dynamo
+compiled a frame again in the warm-up and training (from its cache entries; each batch shape after
+the first costs one); memory: on a GPU the peak of torch.cuda.max_memory_allocated during training
+(weights, gradients, optimiser state, activations), on a CPU the bytes autograd saved for backward in
+one training step (torch.autograd.graph.saved_tensors_hooks; parameters, buffers and views of them
+not counted), the quantity the paper's memory-saving autograd function reduces. The hook runs in
+eager steps only (dynamo would trace it into compiled ones): with --compile on a CPU, no memory.
+
+The model is loaded before the data is looked for: a missing --hub-dir, open_clip or weights is
+reported before anything is downloaded.
 
 Checkpoint. `--save-adapter FILE` writes one file per adapter method, randlora.save_adapter of the
 whole classifier: its adapters' lam and gam (LoRA's A and B), DINOv2's trained head (patched with
@@ -555,6 +560,18 @@ def compiled_graphs(args) -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def recompiles() -> int | None:
+    """How many times torch.compile compiled a frame again since dynamo's last reset, because a guard
+    failed (a dtype, a shape, an attribute changed): for every frame it compiled, its cache entries
+    beyond the first. None where this torch keeps them elsewhere."""
+    from torch._dynamo import convert_frame, eval_frame
+    try:
+        codes = [ref() for ref in convert_frame.input_codes.seen]
+        return sum(max(len(eval_frame._debug_get_cache_entry_list(c)) - 1, 0) for c in codes if c is not None)
+    except AttributeError:
+        return None
+
+
 def compile_backbone(model: Classifier, args) -> None:
     """torch.compile model.backbone in place (nn.Module.compile: its names, state dict and adapters stay
     as they are), after clearing dynamo's caches so that each method's compile time is its own."""
@@ -586,22 +603,25 @@ def warm_up(model: Classifier, images, labels, args) -> float:
 
 def train(model: Classifier, images, labels, method: str, args, log=_log, label: str = "") -> dict:
     """Adam with cosine decay, random horizontal flips; the same batches for every method.
-    Returns {"seconds", "compile", "recompiles", "memory"}: compile is the warm-up's wall time and
-    recompiles the graphs compiled inside the timed loop (both None without --compile); memory: see
-    the module docstring."""
+    Returns {"seconds", "compile", "recompiles", "loop_compiles", "memory"}: compile is the warm-up's
+    wall time, recompiles dynamo's recompilations in the warm-up and training (see `recompiles`),
+    loop_compiles the graphs compiled inside the timed loop (all three None without --compile);
+    memory: see the module docstring. The saved-tensor hook that counts memory on a CPU runs in the
+    first eager step only: in a compiled step dynamo would trace it, and recompile it for every
+    dtype and shape of tensor it is handed, so --compile on a CPU reports no memory."""
     lr = args.full_lr if method == "full" else args.lr
     groups = [dict(params=[p for p in m.parameters() if p.requires_grad], lr=g)
               for m, g in ((model.head, args.head_lr), (model.backbone, lr))]
     groups = [g for g in groups if g["params"]]
     if not groups:                                                 # CLIP zero-shot: nothing trains
-        return dict(seconds=None, compile=None, recompiles=None, memory=None)
+        return dict(seconds=None, compile=None, recompiles=None, loop_compiles=None, memory=None)
     opt = torch.optim.Adam(groups)
     per_epoch = math.ceil(len(images) / args.batch_size)
     total = args.epochs * per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1))
     gen = torch.Generator().manual_seed(args.seed)
     cuda = torch.device(args.device).type == "cuda"
-    counter = SavedForBackward(model)
+    counter = None if cuda or args.compile else SavedForBackward(model)
     progress = Progress(f"{label} step", total, log)
     model.train()
     compile_seconds = None
@@ -620,7 +640,7 @@ def train(model: Classifier, images, labels, method: str, args, log=_log, label:
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], images[idx].flip(-1), images[idx])   # (B, 3, 32, 32)
             x, y = x.to(args.device), labels[idx].to(args.device)
-            with counter if step == 0 else nullcontext(), autocast(args):
+            with counter if counter and step == 0 else nullcontext(), autocast(args):
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -632,9 +652,11 @@ def train(model: Classifier, images, labels, method: str, args, log=_log, label:
             progress(step, lambda: f"epoch {epoch + 1}/{args.epochs}  loss {loss.item():.3f}")
     _sync(args.device)
     seconds = time.perf_counter() - t0
-    return dict(seconds=seconds, compile=compile_seconds,
-                recompiles=compiled_graphs(args) - graphs if args.compile else None,
-                memory=torch.cuda.max_memory_allocated(args.device) if cuda else counter.bytes)
+    if args.compile:
+        log(f"{label}: torch.compile recompiled {recompiles()} time(s) while training (warm-up included)")
+    memory = torch.cuda.max_memory_allocated(args.device) if cuda else counter.bytes if counter else None
+    return dict(seconds=seconds, compile=compile_seconds, recompiles=recompiles() if args.compile else None,
+                loop_compiles=compiled_graphs(args) - graphs if args.compile else None, memory=memory)
 
 
 @torch.no_grad()
@@ -681,11 +703,13 @@ def load_finetuned(args, path: str, classes) -> Classifier:
 
 
 def run(args, log=_log) -> list:
-    """Train and evaluate every method in args.methods. Returns one row per method: method, r,
-    trainable, accuracy, seconds, compile, recompiles, memory, changes ({adapted layer: ||DeltaW|| / ||W||}),
-    predictions (M,), files (checkpoints written)."""
+    """Load the model, then the data; train and evaluate every method in args.methods. Returns one row
+    per method: method, r, trainable, accuracy, seconds, compile, recompiles, loop_compiles, memory,
+    changes ({adapted layer: ||DeltaW|| / ||W||}), predictions (M,), files (checkpoints written)."""
     spec, data_spec = MODELS[args.model], DATASETS[args.dataset]
-    data = load_cifar(args.data_dir, args.dataset, log=log)
+    log(f"loading {spec.title}" + (" with random weights" if args.random_init else ""))
+    loaded = load_backbone(args)                                   # first: a missing --hub-dir or open_clip
+    data = load_cifar(args.data_dir, args.dataset, log=log)        # is reported before any data is fetched
     n = data_spec.num_classes
     train_idx = per_class(data.train_labels, args.shots, n, args.seed, "--shots")
     test_idx = (per_class(data.test_labels, args.test_per_class, n, args.seed, "--test-per-class")
@@ -693,8 +717,7 @@ def run(args, log=_log) -> list:
     train_x, train_y = data.train_images[train_idx], data.train_labels[train_idx]
     test_x, test_y = data.test_images[test_idx], data.test_labels[test_idx]
     log(f"{data_spec.title}: {len(train_x)} training images ({args.shots} per class), {len(test_x)} test images")
-    log(f"loading {spec.title}" + (" with random weights" if args.random_init else ""))
-    base = make_classifier(load_backbone(args), args, data.classes)
+    base = make_classifier(loaded, args, data.classes)
     rows = []
     for j, method in enumerate(args.methods):
         label = f"[{j + 1}/{len(args.methods)}] {method}"
@@ -755,28 +778,32 @@ def format_table(rows, args) -> str:
              f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g} (full: {args.full_lr:g}, "
              f"head: {args.head_lr:g}), {args.device}{speed}",
              "", f"{'method':<10}{'r':>4}{'trainable':>13}{'test acc':>10}{'train time':>12}{'time / full':>13}"
-             + (f"{'compile':>10}" if args.compile else "") + f"{mem:>15}"]
+             + (f"{'compile':>10}{'recompiles':>12}" if args.compile else "") + f"{mem:>15}"]
     recompiled = False
     for x in rows:
         t = "-" if x["seconds"] is None else f"{x['seconds']:.1f} s"
-        if x["recompiles"]:
+        if x["loop_compiles"]:
             t, recompiled = t + "*", True
         c = "-" if x["compile"] is None else f"{x['compile']:.1f} s"
+        rc = "-" if x["recompiles"] is None else str(x["recompiles"])
         m = "-" if x["memory"] is None else fmt_bytes(x["memory"])
         lines.append(f"{x['method']:<10}{x['r'] or '-':>4}{x['trainable']:>13,}{x['accuracy']:>10.2%}{t:>12}"
-                     f"{time_ratio(x, rows):>13}{f'{c:>10}' if args.compile else ''}{m:>15}")
+                     f"{time_ratio(x, rows):>13}{f'{c:>10}{rc:>12}' if args.compile else ''}{m:>15}")
     lines += ["", "trainable: parameters that receive gradients, head included; r: LoRA's rank or RandLoRA's basis "
               "rank (equal-parameter rank from rank_for_budget);",
               "test acc: adapters merged into the weights; train time: wall clock of training only; time / full: "
               "train time over full fine-tuning's (n/a: full not run);"]
     if args.compile:
         lines.append("compile: wall time of the warm-up forward and backward that compiled the backbone, not in "
-                     "train time (evaluation's own compile, merged weights, is not timed);")
+                     "train time (evaluation's own compile, merged weights, is not timed); recompiles: frames "
+                     "torch.compile compiled again in the warm-up and training (a batch shape of its own is one);")
     if recompiled:
         lines.append("*: torch.compile also compiled inside the timed loop: "
-                     + ", ".join(f"{x['method']} {x['recompiles']} graph(s)" for x in rows if x["recompiles"])
+                     + ", ".join(f"{x['method']} {x['loop_compiles']} graph(s)" for x in rows if x["loop_compiles"])
                      + "; that time is in train time;")
     lines.append("memory: " + ("torch.cuda.max_memory_allocated while training." if cuda else
+                               "not measured with --compile on a CPU (the saved-tensor hook would be traced)."
+                               if args.compile else
                                "bytes autograd saved for backward in one training step (parameters and buffers "
                                "not counted)."))
     files = [f for x in rows for f in x["files"]]
