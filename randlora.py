@@ -182,6 +182,15 @@ class RandLoRAFunction(torch.autograd.Function):
 
     generate_vmap_rule = True                                           # torch.func.vmap runs it per sample
 
+    @classmethod
+    def apply(cls, *args):
+        # With setup_context defined, Function.apply binds default arguments through inspect.signature on every
+        # call (20-50 us, more than the layer's own work at small T). Every argument here is positional, so
+        # outside torch.func transforms the C++ apply is called directly; torch.compile traces the usual apply.
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)
+
     @staticmethod
     def forward(x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
         dt = _compute_dtype(x, weight)                                  # autocast decides, else x
