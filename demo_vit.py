@@ -48,8 +48,8 @@ on a CPU the bytes autograd saved for backward in one training step
 (torch.autograd.graph.saved_tensors_hooks; parameters, buffers and views of them not counted), the
 quantity the paper's memory-saving autograd function reduces.
 
-Checkpoint. `--save-adapter FILE` writes one file per adapter method, randlora.save_adapter of the
-whole classifier: its adapters' lam and gam (LoRA's A and B), DINOv2's trained head (patched with
+Checkpoint. `--save-adapter FILE` writes one safetensors file per adapter method, randlora.save_adapter
+of the whole classifier: its adapters' lam and gam (LoRA's A and B), DINOv2's trained head (patched with
 `trainable=["head"]`, so it trains and is saved beside them), and the config; no bases, no frozen
 weights. load_finetuned rebuilds the classifier from it with randlora.load_adapter. none and full
 write nothing: their trained weights are the head or the whole backbone, not an adapter.
@@ -660,7 +660,7 @@ def adapter_path(path: str, method: str, args) -> str:
     if sum(m in ADAPTER_METHODS for m in args.methods) < 2:
         return path
     root, ext = os.path.splitext(path)
-    return f"{root}.{method}{ext or '.pt'}"
+    return f"{root}.{method}{ext or '.safetensors'}"
 
 
 def load_finetuned(args, path: str, classes) -> Classifier:
