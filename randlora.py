@@ -48,7 +48,7 @@ import json
 import math
 import os
 import stat
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -555,8 +555,8 @@ def disable_adapters(model):
 
 # ---- Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases ----
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}   # safetensors'
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}   # headers'
 
 def _saved(model) -> dict:
     """{checkpoint key: tensor}: every adapter's trainables, then the `trainable` modules' parameters and buffers."""
@@ -585,8 +585,7 @@ def adapter_state_dict(model) -> dict:
     return {**_header(model), "tensors": {key: t.detach().cpu().clone() for key, t in _saved(model).items()}}
 
 def _checked(model, state) -> dict:
-    """The model's {key: tensor} that `state` fits: format, config, layer shapes, each tensor's name, dtype and shape
-    (not its values: it may be on the meta device). Errors never repr the state's objects."""
+    """The model's {key: tensor} once `state` fits: all but the values (tensors may be on meta). Never reprs them."""
     want, params = _header(model), _saved(model)
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
@@ -606,8 +605,7 @@ def _checked(model, state) -> dict:
     if missing or extra:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
     if not _is_plain(state.get("shapes")) or state["shapes"] != want["shapes"]:
-        raise ValueError(f"checkpoint was saved from layers of other (out, in) shapes than this model's "
-                         f"{list(want['shapes'].items())[:5]}; load it into a model of the shapes it was trained on")
+        raise ValueError(f"checkpoint holds layers of other (out, in) shapes than {list(want['shapes'].items())[:5]}")
     for key, p in params.items():
         t = tensors[key]
         dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
@@ -647,11 +645,11 @@ def save_adapter(model, path_or_file) -> None:
         f.write(st.save(state["tensors"], meta))
 
 def load_adapter(model, path_or_file) -> None:
-    """Load a save_adapter file (a path or a binary file object). Checked before any tensor byte is read: a regular
-    file, a header of bounded size whose config, layer shapes, tensor names, dtypes and shapes fit the model; then
-    their bytes (SHA-256, finite values). A model without adapters is first patched from the file's config (new layers
-    in the mode of the modules they replace), and unpatched again if loading fails."""
+    """Load a save_adapter file (a path or a binary file object): a regular file, a header of a size bounded from the
+    model, whose config, layer shapes, tensor names, dtypes and shapes fit, and only then exactly those tensor bytes. A
+    model without adapters is patched from the file's config first (and unpatched if loading fails)."""
     safetensors, patched, file = _safetensors(), bool(adapters(model)), f"adapter file {str(path_or_file)[:200]!r}"
+    damaged = f"{file} is damaged or not written by save_adapter"
     limit = 2**16 + 2**10 * (len(_saved(model)) if patched else 2 * len(model.state_dict()))   # 1 KiB a tensor
     grads, reader = {p: p.requires_grad for p in model.parameters()}, hasattr(path_or_file, "read")
     if not reader and not stat.S_ISREG(os.stat(os.fspath(path_or_file)).st_mode):   # before open() waits on a FIFO
@@ -659,7 +657,8 @@ def load_adapter(model, path_or_file) -> None:
     with contextlib.nullcontext(path_or_file) if reader else open(path_or_file, "rb") as f:
         head = f.read(8)
         if head[:2] == b"PK":
-            raise ValueError(f"{file} has the older torch.save format; re-save it with the version that wrote it")
+            raise ValueError(f"{file} is of the older torch.save format; if you trust it, load it with "
+                             "load_adapter_state_dict(model, torch.load(path, weights_only=True)) and save it again")
         if int.from_bytes(head, "little") > limit:
             raise ValueError(f"{file} has a header of more than the {limit} bytes this model's adapter can need")
         head += f.read(int.from_bytes(head, "little"))
@@ -668,23 +667,23 @@ def load_adapter(model, path_or_file) -> None:
             meta = header.pop("__metadata__")
             sha256 = meta["sha256"]
             state = {k: json.loads(meta[k]) for k in ("format_version", "config", "shapes")}
-            state["tensors"] = {k: torch.empty(e["shape"], dtype=DTYPES[e["dtype"]], device="meta")
+            state["tensors"] = {k: torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]], device="meta")
                                 for k, e in header.items()}
             if max(len(state["config"][k]) for k in ("target_modules", "target_parameters", "trainable")) > 1024:
                 raise ValueError("its config names more than 1024 modules")
             config = AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in state["config"].items()})
         except Exception as e:                                          # truncated, tampered, not save_adapter's
-            raise ValueError(f"{file} is damaged or not written by save_adapter ({type(e).__name__})") from None
+            raise ValueError(f"{damaged} ({type(e).__name__})") from None
         try:
             if not patched:
                 _patch(model, config)
-                for u, _ in adapters(model).values():
+                for u, _ in adapters(model).values():                  # in the mode of what they replace
                     u.train(getattr(u, "base_layer", u).training)
             _checked(model, state)
             size = sum(t.numel() * t.element_size() for t in state["tensors"].values())   # those, now
             data = f.read(size + 1)
             if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
-                raise ValueError(f"{file} is damaged or not written by save_adapter (its tensor bytes changed)")
+                raise ValueError(f"{damaged} (its tensor bytes changed)")
             state["tensors"] = safetensors.torch.load(head + data)     # which checks the offsets
             load_adapter_state_dict(model, state)
         except BaseException as e:
@@ -693,5 +692,5 @@ def load_adapter(model, path_or_file) -> None:
                 for p, wanted in grads.items():
                     p.requires_grad_(wanted)
             if isinstance(e, safetensors.SafetensorError):
-                raise ValueError(f"{file} is damaged or not written by save_adapter (SafetensorError)") from None
+                raise ValueError(f"{damaged} ({str(e)[:200]})") from None
             raise

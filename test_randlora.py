@@ -1832,7 +1832,8 @@ def draw_hostile_call(data, tmp_dir):
     if api == "load_adapter_state_dict":
         return watched, lambda: R.load_adapter_state_dict(who, state)
     path = os.path.join(tmp_dir, "adapter.safetensors")
-    open(path, "wb").write(adapter_file(state))
+    with open(path, "wb") as f:
+        f.write(adapter_file(state))
     kind = data.draw(st.sampled_from(["saved"] + ["truncated", "random bytes", "not a file"] * state_ok))
     if kind == "truncated":
         raw = open(path, "rb").read()
@@ -2086,18 +2087,18 @@ def test_a_config_naming_too_many_modules_is_refused_before_patching(tmp_path):
     assert_same_fingerprint(fingerprint(model), before)
 
 
-VIT_S = """
-import torch, torch.nn as nn
-from unittest import mock
-TARGETS = dict(target_modules=["qkv", "proj", "fc1", "fc2"], r=32, alpha=64.0)
+VIT_TARGETS = dict(target_modules=["qkv", "proj", "fc1", "fc2"], r=32, alpha=64.0)
+
+
 def vit_s():
-    '''ViT-S's 48 Linear layers: 12 blocks of qkv 384->1152, proj 384->384, fc1 384->1536, fc2 1536->384. Their
-    21M weights are allocated but not initialised (no adapter reads them), so pages a load touched would show.'''
+    """ViT-S's 48 Linear layers: 12 blocks of qkv 384->1152, proj 384->384, fc1 384->1536, fc2 1536->384. Their
+    21M weights are allocated but not initialised (no adapter reads them), so pages a load touched would show."""
+    from unittest import mock
     with mock.patch.object(nn.Linear, "reset_parameters"):
         return nn.Sequential(*[nn.ModuleDict(dict(qkv=nn.Linear(384, 1152), proj=nn.Linear(384, 384),
                                                   fc1=nn.Linear(384, 1536), fc2=nn.Linear(1536, 384)))
                                for _ in range(12)])
-"""
+
 
 HOSTILE = ["header length 2**40", "a million names", "2**20 names in trainable", "2**20 names in target_modules",
            "a 300 MiB tensor, sparse", "a 300 MiB tensor, truncated", "overlapping offsets", "offsets past the end",
@@ -2107,10 +2108,8 @@ HOSTILE = ["header length 2**40", "a million names", "2**20 names in trainable",
 
 def write_hostile_files(folder) -> dict:
     """{kind: path} of files that the ViT-S-sized model must refuse cheaply, and "good": one it loads."""
-    scope = {}
-    exec(VIT_S, scope)
-    model = scope["vit_s"]()
-    R.add_randlora(model, **scope["TARGETS"])
+    model = vit_s()
+    R.add_randlora(model, **VIT_TARGETS)
     state = R.adapter_state_dict(model)
     good = adapter_file(state)
     n = int.from_bytes(good[:8], "little")
@@ -2167,8 +2166,10 @@ def write_hostile_files(folder) -> dict:
     return files
 
 
-MEASURE_LOADS = VIT_S + """
-import json, resource, sys, time, randlora as R
+MEASURE_LOADS = f"""
+import json, resource, sys, time, torch, torch.nn as nn, randlora as R
+{inspect.getsource(vit_s)}
+TARGETS = {VIT_TARGETS!r}
 warm, into, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
 for patch in (True, False):                                          # warm up: imports, first calls
     small = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 8))
