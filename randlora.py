@@ -44,17 +44,19 @@ References
 """
 import contextlib
 import functools
+import hashlib
+import json
 import math
 import os
-import zipfile
-from dataclasses import asdict, dataclass, fields, replace
+import stat
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-FORMAT_VERSION = 2          # 2: s = alpha / (r sqrt(n)), gam from 1/D; 1 had s = alpha / r, 1/k
+FORMAT_VERSION = 3          # 3: safetensors files; 2: torch.save, s = alpha / (r sqrt(n)), gam 1/D; 1: alpha / r, 1/k
 BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
 PATHS = ("auto", "materialised", "factored")
 
@@ -788,10 +790,15 @@ def disable_adapters(model):
 
 # ---- Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases ----
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}   # headers'
+
 def _saved(model) -> dict:
-    """{checkpoint key: Parameter}: every adapter's trainables, then the `trainable` modules' ones."""
+    """{checkpoint key: tensor}: every adapter's trainables, then the `trainable` modules' parameters and buffers."""
     out = {f"{n}.{k}": p for n, (u, _) in adapters(model).items() for k, p in _trainables(u).items()}
-    return {**out, **_extra_trainables(model, adapter_config(model).trainable)}
+    pats = adapter_config(model).trainable
+    heads = [(n, m) for n, m in model.named_modules() if n and any(_matches(n, p) for p in pats)]
+    return {**out, **{k: t for n, m in heads for k, t in m.state_dict(prefix=n + ".", keep_vars=True).items()}}
 
 def _is_plain(d) -> bool:
     """A str-keyed dict of scalars and flat lists of them, <= 1 MiB of text: cheap to compare and repr."""
@@ -808,81 +815,123 @@ def _header(model) -> dict:
     return {"format_version": FORMAT_VERSION, "config": config, "shapes": shapes}
 
 def adapter_state_dict(model) -> dict:
-    """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r),
-    "<name>.gam": (n, k), ..}}: plain types and tensors, which torch.load(weights_only=True) reads."""
-    return {**_header(model), "tensors": {key: p.detach().cpu().clone() for key, p in _saved(model).items()}}
+    """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r), "<name>.gam": (n, k),
+    .., the `trainable` modules' parameters and buffers}}: plain types and CPU tensors."""
+    return {**_header(model), "tensors": {key: t.detach().cpu().clone() for key, t in _saved(model).items()}}
 
-def load_adapter_state_dict(model, state) -> None:
-    """Load into a model patched with the same config and layer shapes. Everything is checked (shapes before
-    values) before anything is copied; errors never repr the file's objects."""
-    want, params = _header(model), _saved(model)                      # no copy of the tensors
+def _checked(model, state) -> dict:
+    """The model's {key: tensor} once `state` fits: all but the values (tensors may be on meta). Never reprs them."""
+    want, params = _header(model), _saved(model)
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
+    if any(u.disabled for u, _ in adapters(model).values()):
+        raise ValueError("the adapters are disabled (inside disable_adapters); load after the block")
     version = state.get("format_version") if isinstance(state, dict) and {"config", "tensors"} <= set(state) else None
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise ValueError(f"not an adapter checkpoint of format {FORMAT_VERSION}, the dict adapter_state_dict() writes "
-                         "(format 1 had s = alpha / r and gam from 1/k, this one alpha / (r sqrt(n)) and 1/D)")
+    if type(version) is not int or version not in (2, FORMAT_VERSION):
+        raise ValueError(f"not an adapter checkpoint of format 2 or {FORMAT_VERSION}, the dict adapter_state_dict() "
+                         "writes (format 1 had s = alpha / r and gam from 1/k, these alpha / (r sqrt(n)) and 1/D)")
     saved, tensors = state["config"], state["tensors"]
     if not _is_plain(saved) or not isinstance(tensors, dict):
         raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
-    for key in [k for k in ("method", "r", "alpha", "basis", "seed") if saved.get(k) != want["config"][k]]:
-        raise ValueError(f"checkpoint {key} differs from the model's {key}={want['config'][key]!r}; "
+    differ = [k for k in ("method", "r", "alpha", "basis", "seed") if saved.get(k) != want["config"][k]]
+    if differ:
+        raise ValueError(f"checkpoint {differ[0]} differs from the model's {differ[0]}={want['config'][differ[0]]!r}; "
                          "patch a fresh model with the checkpoint's config")
     missing = [k for k in params if k not in tensors]
     extra = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in tensors if k not in params)
     if missing or extra:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
     if not _is_plain(state.get("shapes")) or state["shapes"] != want["shapes"]:
-        raise ValueError(f"checkpoint was saved from layers of other (out, in) shapes than this model's "
-                         f"{list(want['shapes'].items())[:5]}; load it into a model of the shapes it was trained on")
+        theirs = state["shapes"] if isinstance(state.get("shapes"), dict) else {}
+        differ = [(n, s) for n, s in want["shapes"].items() if theirs.get(n) != s]
+        raise ValueError(f"the checkpoint's layers have other (out, in) shapes than this model's, which are "
+                         f"{differ[:5]}; load it into a model of the shapes it was trained on")
     for key, p in params.items():
         t = tensors[key]
-        dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not (t.is_nested or t.is_meta)
-        if not dense or not t.is_floating_point() or t.shape != p.shape or not torch.isfinite(t.to(p.dtype)).all():
-            got = f"{t.dtype} of shape {tuple(t.shape)}" if dense else f"a {type(t).__name__}, not dense or on meta"
-            raise ValueError(f"checkpoint entry {key!r} is {got} (or non-finite); the model expects a dense "
-                             f"floating-point tensor of shape {tuple(p.shape)}")
+        dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
+        kind = dense and (t.dtype == p.dtype or t.is_floating_point() and p.is_floating_point())   # floats: cast
+        if not kind or t.shape != p.shape:
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if dense else f"a {type(t).__name__}, not a dense tensor"
+            raise ValueError(f"checkpoint entry {key!r} is {got}; the model expects {p.dtype} (a float: any float "
+                             f"dtype) of shape {tuple(p.shape)}")
+    return params
+
+def load_adapter_state_dict(model, state) -> None:
+    """Load into a model patched with the same config and layer shapes; all is checked, values last, before any copy."""
+    params, tensors = _checked(model, state), state["tensors"]
+    on_meta = [k for k in params if tensors[k].is_meta]
+    if on_meta:
+        raise ValueError(f"checkpoint entries {on_meta[:5]} are on the meta device (no values); nothing was loaded")
+    bad = [k for k, p in params.items() if p.is_floating_point() and not torch.isfinite(tensors[k].to(p.dtype)).all()]
+    if bad:
+        raise ValueError(f"checkpoint entries {bad[:5]} are non-finite (once cast to the model's dtype); "
+                         "nothing was loaded")
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[key])
 
-def save_adapter(model, path) -> None:
-    torch.save(adapter_state_dict(model), path)
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError("adapter files are safetensors files: pip install safetensors") from None
+    return safetensors
 
-def load_adapter(model, path) -> None:
-    """torch.load(weights_only=True) of a small file with sound zip records, then load_adapter_state_dict's checks;
-    a model without adapters is first patched from the file's config (and unpatched if loading fails)."""
-    patched, file = bool(adapters(model)), f"adapter checkpoint {str(path)!r}"
-    limit = 8 * (sum(p.numel() for p in _saved(model).values()) if patched else    # 8 bytes an entry
-                 2 * sum(p.numel() for p in model.parameters())) + 2**20          # (2 a parameter), + 1 MiB
-    if os.path.getsize(path) > limit:                                   # before its zip directory is read
-        raise ValueError(f"{file} is larger than the {limit} bytes this model's adapter can need")
-    try:
-        with zipfile.ZipFile(path) as z:                                # torch.load checks no CRC: testzip does
-            rs = z.infolist()                                           # torch.load reads a "folder" record as junk
-            bad = len({r.filename.lower() for r in rs}) < len(rs) or sum(r.file_size for r in rs) > limit
-            if bad or any(r.compress_type or r.external_attr & 0x10 for r in rs):   # (testzip reads by name)
-                raise ValueError(f"its records repeat a name, are compressed or folders, or exceed {limit} bytes")
-            if z.testzip() is not None:
-                raise ValueError("a record fails its CRC check: the file changed after torch.save wrote it")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                             # truncated, tampered, not torch
-        raise ValueError(f"could not read {file}: the file is damaged or not written by save_adapter "
-                         f"({type(e).__name__}: {str(e)[:200]})") from None
-    config = state.get("config") if isinstance(state, dict) else None
-    if not patched and not (_is_plain(config) and set(config) == {f.name for f in fields(AdapterConfig)}
-                            and config["method"] in ("randlora", "lora")):
-        raise ValueError(f"{file} has no config written by adapter_state_dict() to patch from")
-    grads = {p: p.requires_grad for p in model.parameters()}
-    try:
-        if not patched:
-            _patch(model, AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in config.items()}))
-        load_adapter_state_dict(model, state)
-    except BaseException as e:
-        if not patched and adapters(model):                            # patched here: undo it
-            _unpatch(model, keep_update=False)                          # no merge: weights never touched
-            for p, wanted in grads.items():
-                p.requires_grad_(wanted)
-        if isinstance(e, (RecursionError, MemoryError)):
-            raise ValueError(f"{file} nests too deeply or is too large to check") from None
-        raise
+def save_adapter(model, path_or_file) -> None:
+    """adapter_state_dict(model) as a safetensors file: its tensors; as metadata the format version, config and layer
+    shapes in JSON, and the SHA-256 of the tensor bytes (safetensors keeps no checksum)."""
+    st, state = _safetensors().torch, adapter_state_dict(model)
+    meta = {k: json.dumps(state[k]) for k in ("format_version", "config", "shapes")}
+    body = st.save(state["tensors"])                                    # the same tensor bytes, no metadata
+    meta["sha256"] = hashlib.sha256(body[8 + int.from_bytes(body[:8], "little"):]).hexdigest()
+    with contextlib.nullcontext(path_or_file) if hasattr(path_or_file, "write") else open(path_or_file, "wb") as f:
+        f.write(st.save(state["tensors"], meta))
+
+def load_adapter(model, path_or_file) -> None:
+    """Load a save_adapter file (a path or a binary file object): a regular file, a header of a size bounded from the
+    model, whose config, layer shapes, tensor names, dtypes and shapes fit, and only then exactly those tensor bytes. A
+    model without adapters is patched from the file's config first (and unpatched if loading fails)."""
+    safetensors, patched, file = _safetensors(), bool(adapters(model)), f"adapter file {str(path_or_file)[:200]!r}"
+    damaged = f"{file} is damaged or not written by save_adapter"
+    limit = 2**16 + 2**10 * (len(_saved(model)) if patched else 2 * len(model.state_dict()))   # 1 KiB a tensor
+    grads, reader = {p: p.requires_grad for p in model.parameters()}, hasattr(path_or_file, "read")
+    if not reader and not stat.S_ISREG(os.stat(os.fspath(path_or_file)).st_mode):   # before open() waits on a FIFO
+        raise ValueError(f"{file} is not a regular file")
+    with contextlib.nullcontext(path_or_file) if reader else open(path_or_file, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK":
+            raise ValueError(f"{file} is of the older torch.save format; if you trust it, load it with "
+                             "load_adapter_state_dict(model, torch.load(path, weights_only=True)) and save it again")
+        if int.from_bytes(head, "little") > limit:
+            raise ValueError(f"{file} has a header of more than the {limit} bytes this model's adapter can need")
+        head += f.read(int.from_bytes(head, "little"))
+        try:
+            header = json.loads(head[8:])
+            meta = header.pop("__metadata__")
+            sha256 = meta["sha256"]
+            state = {k: json.loads(meta[k]) for k in ("format_version", "config", "shapes")}
+            state["tensors"] = {k: torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]], device="meta")
+                                for k, e in header.items()}
+            if max(len(state["config"][k]) for k in ("target_modules", "target_parameters", "trainable")) > 1024:
+                raise ValueError("its config names more than 1024 modules")
+            config = AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in state["config"].items()})
+        except Exception as e:                                          # truncated, tampered, not save_adapter's
+            raise ValueError(f"{damaged} ({type(e).__name__})") from None
+        try:
+            if not patched:
+                _patch(model, config)
+            _checked(model, state)
+            size = sum(t.numel() * t.element_size() for t in state["tensors"].values())   # those, now
+            data = f.read(size + 1)
+            if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+                raise ValueError(f"{damaged} (its tensor bytes changed)")
+            state["tensors"] = safetensors.torch.load(head + data)     # which checks the offsets
+            load_adapter_state_dict(model, state)
+        except BaseException as e:
+            if not patched and adapters(model):                        # patched here: undo it
+                _unpatch(model, keep_update=False)                      # no merge: weights never touched
+                for p, wanted in grads.items():
+                    p.requires_grad_(wanted)
+            if isinstance(e, safetensors.SafetensorError):
+                raise ValueError(f"{damaged} ({str(e)[:200]})") from None
+            raise
