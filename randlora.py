@@ -36,6 +36,17 @@ T < D from the tokens projected through Bcat (TDm + Tkm). Multiply-adds (tr = 1 
 so a layer materialises from T >= Dkm / (Dm + km) (inference) or 2Dkm / ((1 + tr) Dm + 2km)
 (training, always below D): thresholds of its shape, computed once when it is built.
 
+Usage (`model` any nn.Module; names select nn.Linear / Conv1D layers by qualified name or dotted suffix)
+    import randlora
+    randlora.add_randlora(model, ["q_proj", "v_proj"], r=8, alpha=16)   # patched in place, the rest frozen
+    opt = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+    ...                                                                 # train as usual
+    randlora.save_adapter(model, "adapter.safetensors")                 # lam, gam, config; never the bases
+    randlora.load_adapter(base_model, "adapter.safetensors")            # patches a fresh base model
+    with randlora.disable_adapters(model): ...                          # the base model's function
+    randlora.merge(model)                                               # W <- W + DeltaW: the base's speed
+    plain = randlora.unload(model)                                      # original modules, update merged
+
 References
     [1] Albert et al., RandLoRA: Full-rank parameter-efficient fine-tuning of large models,
         ICLR 2025, arXiv 2502.00987 (sec. 4: eqs. 4 and 8; sec. 6.4; app. C.4-C.6).
@@ -56,6 +67,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+__all__ = [
+    "AdapterConfig", "make_bases", "SharedBases", "RandLoRAFunction", "RandLoRA", "LoRA", "RandLoRALinear",
+    "LoRALinear", "add_randlora", "add_lora", "adapters", "adapter_config", "rank_for_budget",
+    "trainable_parameters", "merge", "unmerge", "unload", "disable_adapters", "adapter_state_dict",
+    "load_adapter_state_dict", "save_adapter", "load_adapter", "FORMAT_VERSION", "BASES", "PATHS",
+]
+
 FORMAT_VERSION = 3          # 3: safetensors files; 2: torch.save, s = alpha / (r sqrt(n)), gam 1/D; 1: alpha / r, 1/k
 BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
 PATHS = ("auto", "materialised", "factored")
@@ -64,6 +82,8 @@ PATHS = ("auto", "materialised", "factored")
 
 @dataclass(frozen=True)
 class AdapterConfig:
+    """Everything needed to patch a model again: saved in every adapter file."""
+
     method: str                          # "randlora" or "lora"
     r: int                               # rank of each random basis (RandLoRA) / of the update (LoRA)
     alpha: float                         # s = alpha / (r sqrt(n)) (RandLoRA), alpha / r (LoRA)
@@ -116,6 +136,7 @@ class SharedBases(nn.Module):
         self.register_buffer("B", B, persistent=False)                  # (n_max, D_max, r)
 
     def redraw(self, dtype: torch.dtype) -> None:
+        """Draw A_full and B_full again from the config's seed, in `dtype`, where they are now."""
         c = self.config
         A, B = make_bases(c.r, self.A.shape[1], self.B.shape[1], c.basis, c.seed)
         self.A = A.to(self.A.device, dtype)
@@ -458,6 +479,8 @@ class RandLoRALinear(RandLoRA):
 
 
 class LoRALinear(LoRA):
+    """An nn.Linear (or Conv1D) with a LoRA update: y = base(x) + s (dropout(x) lora_A^T) lora_B^T."""
+
     def __init__(self, base: nn.Module, r, alpha, gen, dropout=0.0):
         super().__init__(base.weight, r, alpha, gen, fan_in_fan_out=type(base).__name__ == "Conv1D")
         self._adopt(base, dropout)
@@ -490,7 +513,7 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-MAX_ALPHA = 1e6                                 # |alpha| above this overflows float32 updates at init
+_MAX_ALPHA = 1e6                                 # |alpha| above this overflows float32 updates at init
 
 
 def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
@@ -500,8 +523,8 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
         raise ValueError(f"r must be >= 1, got {r}")
     if not -(2**63) <= seed < 2**64:
         raise ValueError("seed must lie in [-2**63, 2**64)")
-    if not _is_real(alpha) or alpha == 0 or abs(alpha) > MAX_ALPHA:
-        raise ValueError(f"alpha must be a finite non-zero number of magnitude at most {MAX_ALPHA:g}, got {alpha!r}")
+    if not _is_real(alpha) or alpha == 0 or abs(alpha) > _MAX_ALPHA:
+        raise ValueError(f"alpha must be a finite non-zero number of magnitude at most {_MAX_ALPHA:g}, got {alpha!r}")
     if not _is_real(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if basis not in BASES:
@@ -652,6 +675,7 @@ def adapters(model) -> dict:
     return out
 
 def adapter_config(model) -> AdapterConfig:
+    """The AdapterConfig the model was patched with; ValueError if it has no adapters (or only part of them)."""
     shared = [m.config for m in model.modules() if isinstance(m, SharedBases)] if adapters(model) else []
     if not shared:                                                      # (a part of a patched model has none)
         raise ValueError("no adapters with their bases in this model; patch it first, or pass the whole model")
@@ -667,6 +691,7 @@ def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=())
     return min(range(1, min(min(w.shape) for w in ws) + 1), key=lambda r: (abs(count(r) - budget), count(r)))
 
 def trainable_parameters(model) -> int:
+    """How many numbers train: the adapters' scalings (or factors) and the `trainable` modules' parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 # ---- Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once ----

@@ -3385,3 +3385,17 @@ def test_unload_gives_back_each_parameters_requires_grad():
     R.add_randlora(model, ["0"], r=2, alpha=4.0)
     R.unload(model)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == want
+
+
+def test_the_module_documents_exactly_its_public_names():
+    import pydoc
+    defined = {n for n, v in vars(R).items() if not n.startswith("_") and getattr(v, "__module__", None) == R.__name__}
+    assert set(R.__all__) == defined | {"FORMAT_VERSION", "BASES", "PATHS"}
+    for name in R.__all__:
+        obj = getattr(R, name)
+        if callable(obj):
+            assert obj.__doc__ and obj.__doc__.strip(), name
+    text = pydoc.render_doc(R, renderer=pydoc.plaintext)
+    for leaked in ("zipfile", "hashlib", "contextlib", "functools"):
+        assert f"\n    {leaked}\n" not in text
+    assert "Usage" in R.__doc__
