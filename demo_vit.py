@@ -53,8 +53,8 @@ eager steps only (dynamo would trace it into compiled ones): with --compile on a
 The model is loaded before the data is looked for: a missing --hub-dir, open_clip or weights is
 reported before anything is downloaded.
 
-Checkpoint. `--save-adapter FILE` writes one file per adapter method, randlora.save_adapter of the
-whole classifier: its adapters' lam and gam (LoRA's A and B), DINOv2's trained head (patched with
+Checkpoint. `--save-adapter FILE` writes one safetensors file per adapter method, randlora.save_adapter
+of the whole classifier: its adapters' lam and gam (LoRA's A and B), DINOv2's trained head (patched with
 `trainable=["head"]`, so it trains and is saved beside them), and the config; no bases, no frozen
 weights. load_finetuned rebuilds the classifier from it with randlora.load_adapter. none and full
 write nothing: their trained weights are the head or the whole backbone, not an adapter.
@@ -682,7 +682,7 @@ def adapter_path(path: str, method: str, args) -> str:
     if sum(m in ADAPTER_METHODS for m in args.methods) < 2:
         return path
     root, ext = os.path.splitext(path)
-    return f"{root}.{method}{ext or '.pt'}"
+    return f"{root}.{method}{ext or '.safetensors'}"
 
 
 def load_finetuned(args, path: str, classes) -> Classifier:

@@ -36,6 +36,17 @@ T < D from the tokens projected through Bcat (TDm + Tkm). Multiply-adds (tr = 1 
 so a layer materialises from T >= Dkm / (Dm + km) (inference) or 2Dkm / ((1 + tr) Dm + 2km)
 (training, always below D): thresholds of its shape, computed once when it is built.
 
+Usage (`model` any nn.Module; names select nn.Linear / Conv1D layers by qualified name or dotted suffix)
+    import randlora
+    randlora.add_randlora(model, ["q_proj", "v_proj"], r=8, alpha=16)   # patched in place, the rest frozen
+    opt = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+    ...                                                                 # train as usual
+    randlora.save_adapter(model, "adapter.safetensors")                 # lam, gam, config; never the bases
+    randlora.load_adapter(base_model, "adapter.safetensors")            # patches a fresh base model
+    with randlora.disable_adapters(model): ...                          # the base model's function
+    randlora.merge(model)                                               # W <- W + DeltaW: the base's speed
+    plain = randlora.unload(model)                                      # original modules, update merged
+
 References
     [1] Albert et al., RandLoRA: Full-rank parameter-efficient fine-tuning of large models,
         ICLR 2025, arXiv 2502.00987 (sec. 4: eqs. 4 and 8; sec. 6.4; app. C.4-C.6).
@@ -44,17 +55,26 @@ References
 """
 import contextlib
 import functools
+import hashlib
+import json
 import math
 import os
-import zipfile
-from dataclasses import asdict, dataclass, fields, replace
+import stat
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-FORMAT_VERSION = 2          # 2: s = alpha / (r sqrt(n)), gam from 1/D; 1 had s = alpha / r, 1/k
+__all__ = [
+    "AdapterConfig", "make_bases", "SharedBases", "RandLoRAFunction", "RandLoRA", "LoRA", "RandLoRALinear",
+    "LoRALinear", "add_randlora", "add_lora", "adapters", "adapter_config", "rank_for_budget",
+    "trainable_parameters", "merge", "unmerge", "unload", "disable_adapters", "adapter_state_dict",
+    "load_adapter_state_dict", "save_adapter", "load_adapter", "FORMAT_VERSION", "BASES", "PATHS",
+]
+
+FORMAT_VERSION = 3          # 3: safetensors files; 2: torch.save, s = alpha / (r sqrt(n)), gam 1/D; 1: alpha / r, 1/k
 BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
 PATHS = ("auto", "materialised", "factored")
 
@@ -62,6 +82,8 @@ PATHS = ("auto", "materialised", "factored")
 
 @dataclass(frozen=True)
 class AdapterConfig:
+    """Everything needed to patch a model again: saved in every adapter file."""
+
     method: str                          # "randlora" or "lora"
     r: int                               # rank of each random basis (RandLoRA) / of the update (LoRA)
     alpha: float                         # s = alpha / (r sqrt(n)) (RandLoRA), alpha / r (LoRA)
@@ -114,6 +136,7 @@ class SharedBases(nn.Module):
         self.register_buffer("B", B, persistent=False)                  # (n_max, D_max, r)
 
     def redraw(self, dtype: torch.dtype) -> None:
+        """Draw A_full and B_full again from the config's seed, in `dtype`, where they are now."""
         c = self.config
         A, B = make_bases(c.r, self.A.shape[1], self.B.shape[1], c.basis, c.seed)
         self.A = A.to(self.A.device, dtype)
@@ -456,6 +479,8 @@ class RandLoRALinear(RandLoRA):
 
 
 class LoRALinear(LoRA):
+    """An nn.Linear (or Conv1D) with a LoRA update: y = base(x) + s (dropout(x) lora_A^T) lora_B^T."""
+
     def __init__(self, base: nn.Module, r, alpha, gen, dropout=0.0):
         super().__init__(base.weight, r, alpha, gen, fan_in_fan_out=type(base).__name__ == "Conv1D")
         self._adopt(base, dropout)
@@ -488,7 +513,7 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-MAX_ALPHA = 1e6                                 # |alpha| above this overflows float32 updates at init
+_MAX_ALPHA = 1e6                                 # |alpha| above this overflows float32 updates at init
 
 
 def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
@@ -498,8 +523,8 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
         raise ValueError(f"r must be >= 1, got {r}")
     if not -(2**63) <= seed < 2**64:
         raise ValueError("seed must lie in [-2**63, 2**64)")
-    if not _is_real(alpha) or alpha == 0 or abs(alpha) > MAX_ALPHA:
-        raise ValueError(f"alpha must be a finite non-zero number of magnitude at most {MAX_ALPHA:g}, got {alpha!r}")
+    if not _is_real(alpha) or alpha == 0 or abs(alpha) > _MAX_ALPHA:
+        raise ValueError(f"alpha must be a finite non-zero number of magnitude at most {_MAX_ALPHA:g}, got {alpha!r}")
     if not _is_real(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if basis not in BASES:
@@ -650,6 +675,7 @@ def adapters(model) -> dict:
     return out
 
 def adapter_config(model) -> AdapterConfig:
+    """The AdapterConfig the model was patched with; ValueError if it has no adapters (or only part of them)."""
     shared = [m.config for m in model.modules() if isinstance(m, SharedBases)] if adapters(model) else []
     if not shared:                                                      # (a part of a patched model has none)
         raise ValueError("no adapters with their bases in this model; patch it first, or pass the whole model")
@@ -665,6 +691,7 @@ def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=())
     return min(range(1, min(min(w.shape) for w in ws) + 1), key=lambda r: (abs(count(r) - budget), count(r)))
 
 def trainable_parameters(model) -> int:
+    """How many numbers train: the adapters' scalings (or factors) and the `trainable` modules' parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 # ---- Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once ----
@@ -788,10 +815,15 @@ def disable_adapters(model):
 
 # ---- Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases ----
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}   # headers'
+
 def _saved(model) -> dict:
-    """{checkpoint key: Parameter}: every adapter's trainables, then the `trainable` modules' ones."""
+    """{checkpoint key: tensor}: every adapter's trainables, then the `trainable` modules' parameters and buffers."""
     out = {f"{n}.{k}": p for n, (u, _) in adapters(model).items() for k, p in _trainables(u).items()}
-    return {**out, **_extra_trainables(model, adapter_config(model).trainable)}
+    pats = adapter_config(model).trainable
+    heads = [(n, m) for n, m in model.named_modules() if n and any(_matches(n, p) for p in pats)]
+    return {**out, **{k: t for n, m in heads for k, t in m.state_dict(prefix=n + ".", keep_vars=True).items()}}
 
 def _is_plain(d) -> bool:
     """A str-keyed dict of scalars and flat lists of them, <= 1 MiB of text: cheap to compare and repr."""
@@ -808,81 +840,123 @@ def _header(model) -> dict:
     return {"format_version": FORMAT_VERSION, "config": config, "shapes": shapes}
 
 def adapter_state_dict(model) -> dict:
-    """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r),
-    "<name>.gam": (n, k), ..}}: plain types and tensors, which torch.load(weights_only=True) reads."""
-    return {**_header(model), "tensors": {key: p.detach().cpu().clone() for key, p in _saved(model).items()}}
+    """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r), "<name>.gam": (n, k),
+    .., the `trainable` modules' parameters and buffers}}: plain types and CPU tensors."""
+    return {**_header(model), "tensors": {key: t.detach().cpu().clone() for key, t in _saved(model).items()}}
 
-def load_adapter_state_dict(model, state) -> None:
-    """Load into a model patched with the same config and layer shapes. Everything is checked (shapes before
-    values) before anything is copied; errors never repr the file's objects."""
-    want, params = _header(model), _saved(model)                      # no copy of the tensors
+def _checked(model, state) -> dict:
+    """The model's {key: tensor} once `state` fits: all but the values (tensors may be on meta). Never reprs them."""
+    want, params = _header(model), _saved(model)
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
+    if any(u.disabled for u, _ in adapters(model).values()):
+        raise ValueError("the adapters are disabled (inside disable_adapters); load after the block")
     version = state.get("format_version") if isinstance(state, dict) and {"config", "tensors"} <= set(state) else None
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise ValueError(f"not an adapter checkpoint of format {FORMAT_VERSION}, the dict adapter_state_dict() writes "
-                         "(format 1 had s = alpha / r and gam from 1/k, this one alpha / (r sqrt(n)) and 1/D)")
+    if type(version) is not int or version not in (2, FORMAT_VERSION):
+        raise ValueError(f"not an adapter checkpoint of format 2 or {FORMAT_VERSION}, the dict adapter_state_dict() "
+                         "writes (format 1 had s = alpha / r and gam from 1/k, these alpha / (r sqrt(n)) and 1/D)")
     saved, tensors = state["config"], state["tensors"]
     if not _is_plain(saved) or not isinstance(tensors, dict):
         raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
-    for key in [k for k in ("method", "r", "alpha", "basis", "seed") if saved.get(k) != want["config"][k]]:
-        raise ValueError(f"checkpoint {key} differs from the model's {key}={want['config'][key]!r}; "
+    differ = [k for k in ("method", "r", "alpha", "basis", "seed") if saved.get(k) != want["config"][k]]
+    if differ:
+        raise ValueError(f"checkpoint {differ[0]} differs from the model's {differ[0]}={want['config'][differ[0]]!r}; "
                          "patch a fresh model with the checkpoint's config")
     missing = [k for k in params if k not in tensors]
     extra = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in tensors if k not in params)
     if missing or extra:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
     if not _is_plain(state.get("shapes")) or state["shapes"] != want["shapes"]:
-        raise ValueError(f"checkpoint was saved from layers of other (out, in) shapes than this model's "
-                         f"{list(want['shapes'].items())[:5]}; load it into a model of the shapes it was trained on")
+        theirs = state["shapes"] if isinstance(state.get("shapes"), dict) else {}
+        differ = [(n, s) for n, s in want["shapes"].items() if theirs.get(n) != s]
+        raise ValueError(f"the checkpoint's layers have other (out, in) shapes than this model's, which are "
+                         f"{differ[:5]}; load it into a model of the shapes it was trained on")
     for key, p in params.items():
         t = tensors[key]
-        dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not (t.is_nested or t.is_meta)
-        if not dense or not t.is_floating_point() or t.shape != p.shape or not torch.isfinite(t.to(p.dtype)).all():
-            got = f"{t.dtype} of shape {tuple(t.shape)}" if dense else f"a {type(t).__name__}, not dense or on meta"
-            raise ValueError(f"checkpoint entry {key!r} is {got} (or non-finite); the model expects a dense "
-                             f"floating-point tensor of shape {tuple(p.shape)}")
+        dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
+        kind = dense and (t.dtype == p.dtype or t.is_floating_point() and p.is_floating_point())   # floats: cast
+        if not kind or t.shape != p.shape:
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if dense else f"a {type(t).__name__}, not a dense tensor"
+            raise ValueError(f"checkpoint entry {key!r} is {got}; the model expects {p.dtype} (a float: any float "
+                             f"dtype) of shape {tuple(p.shape)}")
+    return params
+
+def load_adapter_state_dict(model, state) -> None:
+    """Load into a model patched with the same config and layer shapes; all is checked, values last, before any copy."""
+    params, tensors = _checked(model, state), state["tensors"]
+    on_meta = [k for k in params if tensors[k].is_meta]
+    if on_meta:
+        raise ValueError(f"checkpoint entries {on_meta[:5]} are on the meta device (no values); nothing was loaded")
+    bad = [k for k, p in params.items() if p.is_floating_point() and not torch.isfinite(tensors[k].to(p.dtype)).all()]
+    if bad:
+        raise ValueError(f"checkpoint entries {bad[:5]} are non-finite (once cast to the model's dtype); "
+                         "nothing was loaded")
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[key])
 
-def save_adapter(model, path) -> None:
-    torch.save(adapter_state_dict(model), path)
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError("adapter files are safetensors files: pip install safetensors") from None
+    return safetensors
 
-def load_adapter(model, path) -> None:
-    """torch.load(weights_only=True) of a small file with sound zip records, then load_adapter_state_dict's checks;
-    a model without adapters is first patched from the file's config (and unpatched if loading fails)."""
-    patched, file = bool(adapters(model)), f"adapter checkpoint {str(path)!r}"
-    limit = 8 * (sum(p.numel() for p in _saved(model).values()) if patched else    # 8 bytes an entry
-                 2 * sum(p.numel() for p in model.parameters())) + 2**20          # (2 a parameter), + 1 MiB
-    if os.path.getsize(path) > limit:                                   # before its zip directory is read
-        raise ValueError(f"{file} is larger than the {limit} bytes this model's adapter can need")
-    try:
-        with zipfile.ZipFile(path) as z:                                # torch.load checks no CRC: testzip does
-            rs = z.infolist()                                           # torch.load reads a "folder" record as junk
-            bad = len({r.filename.lower() for r in rs}) < len(rs) or sum(r.file_size for r in rs) > limit
-            if bad or any(r.compress_type or r.external_attr & 0x10 for r in rs):   # (testzip reads by name)
-                raise ValueError(f"its records repeat a name, are compressed or folders, or exceed {limit} bytes")
-            if z.testzip() is not None:
-                raise ValueError("a record fails its CRC check: the file changed after torch.save wrote it")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                             # truncated, tampered, not torch
-        raise ValueError(f"could not read {file}: the file is damaged or not written by save_adapter "
-                         f"({type(e).__name__}: {str(e)[:200]})") from None
-    config = state.get("config") if isinstance(state, dict) else None
-    if not patched and not (_is_plain(config) and set(config) == {f.name for f in fields(AdapterConfig)}
-                            and config["method"] in ("randlora", "lora")):
-        raise ValueError(f"{file} has no config written by adapter_state_dict() to patch from")
-    grads = {p: p.requires_grad for p in model.parameters()}
-    try:
-        if not patched:
-            _patch(model, AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in config.items()}))
-        load_adapter_state_dict(model, state)
-    except BaseException as e:
-        if not patched and adapters(model):                            # patched here: undo it
-            _unpatch(model, keep_update=False)                          # no merge: weights never touched
-            for p, wanted in grads.items():
-                p.requires_grad_(wanted)
-        if isinstance(e, (RecursionError, MemoryError)):
-            raise ValueError(f"{file} nests too deeply or is too large to check") from None
-        raise
+def save_adapter(model, path_or_file) -> None:
+    """adapter_state_dict(model) as a safetensors file: its tensors; as metadata the format version, config and layer
+    shapes in JSON, and the SHA-256 of the tensor bytes (safetensors keeps no checksum)."""
+    st, state = _safetensors().torch, adapter_state_dict(model)
+    meta = {k: json.dumps(state[k]) for k in ("format_version", "config", "shapes")}
+    body = st.save(state["tensors"])                                    # the same tensor bytes, no metadata
+    meta["sha256"] = hashlib.sha256(body[8 + int.from_bytes(body[:8], "little"):]).hexdigest()
+    with contextlib.nullcontext(path_or_file) if hasattr(path_or_file, "write") else open(path_or_file, "wb") as f:
+        f.write(st.save(state["tensors"], meta))
+
+def load_adapter(model, path_or_file) -> None:
+    """Load a save_adapter file (a path or a binary file object): a regular file, a header of a size bounded from the
+    model, whose config, layer shapes, tensor names, dtypes and shapes fit, and only then exactly those tensor bytes. A
+    model without adapters is patched from the file's config first (and unpatched if loading fails)."""
+    safetensors, patched, file = _safetensors(), bool(adapters(model)), f"adapter file {str(path_or_file)[:200]!r}"
+    damaged = f"{file} is damaged or not written by save_adapter"
+    limit = 2**16 + 2**10 * (len(_saved(model)) if patched else 2 * len(model.state_dict()))   # 1 KiB a tensor
+    grads, reader = {p: p.requires_grad for p in model.parameters()}, hasattr(path_or_file, "read")
+    if not reader and not stat.S_ISREG(os.stat(os.fspath(path_or_file)).st_mode):   # before open() waits on a FIFO
+        raise ValueError(f"{file} is not a regular file")
+    with contextlib.nullcontext(path_or_file) if reader else open(path_or_file, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK":
+            raise ValueError(f"{file} is of the older torch.save format; if you trust it, load it with "
+                             "load_adapter_state_dict(model, torch.load(path, weights_only=True)) and save it again")
+        if int.from_bytes(head, "little") > limit:
+            raise ValueError(f"{file} has a header of more than the {limit} bytes this model's adapter can need")
+        head += f.read(int.from_bytes(head, "little"))
+        try:
+            header = json.loads(head[8:])
+            meta = header.pop("__metadata__")
+            sha256 = meta["sha256"]
+            state = {k: json.loads(meta[k]) for k in ("format_version", "config", "shapes")}
+            state["tensors"] = {k: torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]], device="meta")
+                                for k, e in header.items()}
+            if max(len(state["config"][k]) for k in ("target_modules", "target_parameters", "trainable")) > 1024:
+                raise ValueError("its config names more than 1024 modules")
+            config = AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in state["config"].items()})
+        except Exception as e:                                          # truncated, tampered, not save_adapter's
+            raise ValueError(f"{damaged} ({type(e).__name__})") from None
+        try:
+            if not patched:
+                _patch(model, config)
+            _checked(model, state)
+            size = sum(t.numel() * t.element_size() for t in state["tensors"].values())   # those, now
+            data = f.read(size + 1)
+            if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+                raise ValueError(f"{damaged} (its tensor bytes changed)")
+            state["tensors"] = safetensors.torch.load(head + data)     # which checks the offsets
+            load_adapter_state_dict(model, state)
+        except BaseException as e:
+            if not patched and adapters(model):                        # patched here: undo it
+                _unpatch(model, keep_update=False)                      # no merge: weights never touched
+                for p, wanted in grads.items():
+                    p.requires_grad_(wanted)
+            if isinstance(e, safetensors.SafetensorError):
+                raise ValueError(f"{damaged} ({str(e)[:200]})") from None
+            raise
