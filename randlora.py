@@ -477,39 +477,93 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 # ---- Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once ----
+# Sharded models. FSDP2 (fully_shard) keeps each parameter as a DTensor shard between calls. Merging
+# gathers W, shifts it, and each rank keeps its own rows; a checkpoint gathers lam and gam. Both are
+# collectives: every rank must make the call. FSDP1 flattens parameters into shards of other shapes: refused.
+
+_FSDP1 = ("the model is sharded by FSDP1 (FullyShardedDataParallel), whose parameters are flat shards; shard it "
+          "with FSDP2 (fully_shard) instead, or load a full state dict into a single-process copy and use that")
+
+def _is_shard(t) -> bool:                                               # a DTensor, tested without importing it
+    return hasattr(t, "full_tensor")
+
+def _local(t) -> torch.Tensor:                                          # this rank's part
+    return t.to_local() if _is_shard(t) else t
+
+def _full(t) -> torch.Tensor:
+    """t whole: a DTensor is gathered from every rank (a collective); an FSDP1 flat shard is refused."""
+    if getattr(t, "_fsdp_flattened", False):
+        raise ValueError(_FSDP1)
+    return t.full_tensor() if _is_shard(t) else t
+
+def _fsdp2():
+    """fully_shard's module class and DTensor's implicit_replication, from where this torch keeps them."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:                                                 # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
+    try:
+        from torch.distributed.tensor.experimental import implicit_replication
+    except ImportError:                                                 # torch < 2.5
+        from torch.distributed._tensor.experimental import implicit_replication
+    return FSDPModule, implicit_replication
+
+def _sharded(model) -> nn.Module:
+    """The model with every FSDP2 parameter registered as its shard, as between training steps. (After a forward
+    without backward the root holds gathered copies, which a write would miss.)"""
+    if not isinstance(model, nn.Module):
+        return model                                                    # adapters(model) names the TypeError
+    if any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
+        raise ValueError(_FSDP1)
+    fsdp2 = _fsdp2()[0] if any(_is_shard(p) for p in model.parameters()) else ()
+    for m in [m for m in model.modules() if isinstance(m, fsdp2)]:
+        m.reshard()
+    return model
+
+def _into_shards(model):
+    """Inside: a whole tensor copied into a DTensor gives each rank its part (no communication)."""
+    return _fsdp2()[1]() if any(_is_shard(p) for p in model.parameters()) else contextlib.nullcontext()
 
 def _shifted(u, w, merge: bool) -> torch.Tensor:
-    """W + DeltaW (merge), or W - the DeltaW of the last merge (unmerge)."""
+    """W + DeltaW (merge), or W - DeltaW (unmerge), whole: DeltaW from what the merge recorded."""
     dt = _wide(w.dtype)
-    return w.to(dt).add(u.delta_weight(at_merge=not merge).to(dt), alpha=1 if merge else -1).to(w.dtype)
+    return _full(w).to(dt).add(u.delta_weight(at_merge=True).to(dt), alpha=1 if merge else -1).to(w.dtype)
 
 @torch.no_grad()
 def _set_merged(model, merged: bool) -> int:
-    todo = {name: (u, w) for name, (u, w) in adapters(model).items() if u.merged != merged}
+    todo = {name: (u, w) for name, (u, w) in adapters(_sharded(model)).items() if u.merged != merged}
     holders = {}                                                        # storage -> names, each module once
     for mname, mod in model.named_modules():
         for pname, t in [*mod._parameters.items(), *mod._buffers.items()]:
             if t is not None and t.numel():
-                holders.setdefault(t.untyped_storage().data_ptr(), []).append(f"{mname}.{pname}".lstrip("."))
+                holders.setdefault(_local(t).untyped_storage().data_ptr(), []).append(f"{mname}.{pname}".lstrip("."))
     for name, (u, w) in todo.items():                                  # check everything first
-        tied = holders[w.untyped_storage().data_ptr()]
+        tied = holders[_local(w).untyped_storage().data_ptr()]
         if len(tied) > 1:
             raise ValueError(f"{tied[0]} and {tied[1]} are one tied tensor; merging {name!r} would change both. "
                              f"Untie them (assign a clone) or leave {name!r} out; unmerged, the model is correct")
-        if not torch.isfinite(_shifted(u, w, merged)).all():
+    before = {u: {k: getattr(u, k + "_merged").clone() for k in _trainables(u)} for u, _ in todo.values()}
+    for u, _ in todo.values() if merged else ():                       # record what goes in (whole)
+        for key, p in _trainables(u).items():
+            getattr(u, key + "_merged").copy_(_full(p))
+    for name, (u, w) in todo.items():
+        if not torch.isfinite(_shifted(u, w, merged)).all():            # the same on every rank
+            for v, record in before.items():                            # nothing was changed
+                for key, t in record.items():
+                    getattr(v, key + "_merged").copy_(t)
             raise ValueError(f"{'merging' if merged else 'unmerging'} {name!r} would give non-finite "
                              "weights; nothing was changed (check lam/gam and the weight's dtype range)")
-    for u, w in todo.values():
-        for key, p in _trainables(u).items() if merged else ():       # record what goes in
-            getattr(u, key + "_merged").copy_(p)
-        w.copy_(_shifted(u, w, merged))
-        u.merged = merged
-        u.merged_flag.fill_(merged)
+    with _into_shards(model):
+        for u, w in todo.values():
+            w.copy_(_shifted(u, w, merged))
+            u.merged = merged
+            u.merged_flag.fill_(merged)
     return len(todo)
 
 def merge(model) -> int:
     """Fold every DeltaW into its base weight; layers then run at the base model's speed.
-    Idempotent; returns how many layers changed. Refuses tied weights, changing nothing."""
+    Idempotent; returns how many layers changed. Refuses tied weights, changing nothing.
+    Under FSDP2, every rank must call it; each keeps its shard of the merged weights."""
     return _set_merged(model, True)
 
 def unmerge(model) -> int:
@@ -529,6 +583,9 @@ def _unpatch(model, keep_update: bool) -> nn.Module:
 
 def unload(model) -> nn.Module:
     """Merge, then give the plain model back: its original modules, no parametrizations, the base state_dict keys."""
+    if any(_is_shard(p) for p in model.parameters()):
+        raise ValueError("unload would replace modules that FSDP2 (fully_shard) manages; merge(model) works sharded, "
+                         "or load adapter_state_dict(model) (on every rank) into a single-process copy, unload that")
     merge(model)                                                        # refuses tied weights
     return _unpatch(model, keep_update=True)
 
@@ -575,12 +632,12 @@ def _header(model) -> dict:
 def adapter_state_dict(model) -> dict:
     """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r),
     "<name>.gam": (n, k), ..}}: plain types and tensors, which torch.load(weights_only=True) reads."""
-    return {**_header(model), "tensors": {key: p.detach().cpu().clone() for key, p in _saved(model).items()}}
+    return {**_header(model), "tensors": {key: _full(p).detach().cpu().clone() for key, p in _saved(model).items()}}
 
 def load_adapter_state_dict(model, state) -> None:
     """Load into a model patched with the same config and layer shapes. Everything is checked (shapes before
     values) before anything is copied; errors never repr the file's objects."""
-    want, params = _header(model), _saved(model)                      # no copy of the tensors
+    want, params = _header(model), _saved(_sharded(model))            # no copy of the tensors
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
     version = state.get("format_version") if isinstance(state, dict) and {"config", "tensors"} <= set(state) else None
@@ -607,7 +664,7 @@ def load_adapter_state_dict(model, state) -> None:
             got = f"{t.dtype} of shape {tuple(t.shape)}" if dense else f"a {type(t).__name__}, not dense or on meta"
             raise ValueError(f"checkpoint entry {key!r} is {got} (or non-finite); the model expects a dense "
                              f"floating-point tensor of shape {tuple(p.shape)}")
-    with torch.no_grad():
+    with torch.no_grad(), _into_shards(model):
         for key, p in params.items():
             p.copy_(tensors[key])
 
