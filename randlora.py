@@ -497,16 +497,16 @@ def _full(t) -> torch.Tensor:
     return t.full_tensor() if _is_shard(t) else t
 
 def _fsdp2():
-    """fully_shard's module class and DTensor's implicit_replication, from where this torch keeps them."""
+    """fully_shard's module class and distribute_tensor, from where this torch keeps them."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:                                                 # torch < 2.6
         from torch.distributed._composable.fsdp import FSDPModule
     try:
-        from torch.distributed.tensor.experimental import implicit_replication
+        from torch.distributed.tensor import distribute_tensor
     except ImportError:                                                 # torch < 2.5
-        from torch.distributed._tensor.experimental import implicit_replication
-    return FSDPModule, implicit_replication
+        from torch.distributed._tensor import distribute_tensor
+    return FSDPModule, distribute_tensor
 
 def _sharded(model) -> nn.Module:
     """The model with every FSDP2 parameter registered as its shard, as between training steps. (After a forward
@@ -520,9 +520,11 @@ def _sharded(model) -> nn.Module:
         m.reshard()
     return model
 
-def _into_shards(model):
-    """Inside: a whole tensor copied into a DTensor gives each rank its part (no communication)."""
-    return _fsdp2()[1]() if any(_is_shard(p) for p in model.parameters()) else contextlib.nullcontext()
+def _write(p, t) -> None:
+    """p <- t, t whole; a DTensor p takes this rank's part (rank 0's t is scattered: every rank must call)."""
+    if _is_shard(p):
+        p, t = p.to_local(), _fsdp2()[1](t.to(p.device), p.device_mesh, p.placements).to_local()
+    p.copy_(t)
 
 def _shifted(u, w, merge: bool) -> torch.Tensor:
     """W + DeltaW (merge), or W - DeltaW (unmerge), whole: DeltaW from what the merge recorded."""
@@ -553,11 +555,10 @@ def _set_merged(model, merged: bool) -> int:
                     getattr(v, key + "_merged").copy_(t)
             raise ValueError(f"{'merging' if merged else 'unmerging'} {name!r} would give non-finite "
                              "weights; nothing was changed (check lam/gam and the weight's dtype range)")
-    with _into_shards(model):
-        for u, w in todo.values():
-            w.copy_(_shifted(u, w, merged))
-            u.merged = merged
-            u.merged_flag.fill_(merged)
+    for u, w in todo.values():
+        _write(w, _shifted(u, w, merged))
+        u.merged = merged
+        u.merged_flag.fill_(merged)
     return len(todo)
 
 def merge(model) -> int:
@@ -664,9 +665,9 @@ def load_adapter_state_dict(model, state) -> None:
             got = f"{t.dtype} of shape {tuple(t.shape)}" if dense else f"a {type(t).__name__}, not dense or on meta"
             raise ValueError(f"checkpoint entry {key!r} is {got} (or non-finite); the model expects a dense "
                              f"floating-point tensor of shape {tuple(p.shape)}")
-    with torch.no_grad(), _into_shards(model):
+    with torch.no_grad():
         for key, p in params.items():
-            p.copy_(tensors[key])
+            _write(p, tensors[key])
 
 def save_adapter(model, path) -> None:
     torch.save(adapter_state_dict(model), path)
