@@ -584,7 +584,7 @@ def _unpatch(model, keep_update: bool) -> nn.Module:
 
 def unload(model) -> nn.Module:
     """Merge, then give the plain model back: its original modules, no parametrizations, the base state_dict keys."""
-    if any(_is_shard(p) for p in model.parameters()):
+    if isinstance(model, nn.Module) and any(_is_shard(p) for p in model.parameters()):
         raise ValueError("unload would replace modules that FSDP2 (fully_shard) manages; merge(model) works sharded, "
                          "or load adapter_state_dict(model) (on every rank) into a single-process copy, unload that")
     merge(model)                                                        # refuses tied weights
