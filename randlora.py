@@ -695,14 +695,63 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 # ---- Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once ----
+# Sharded models. FSDP2 (fully_shard) keeps each parameter as a DTensor shard between calls. Merging
+# gathers W, shifts it, and each rank keeps its own rows; a checkpoint gathers lam and gam. Both are
+# collectives: every rank must make the call. FSDP1 flattens parameters into shards of other shapes: refused.
+
+_FSDP1 = ("the model is sharded by FSDP1 (FullyShardedDataParallel), whose parameters are flat shards; shard it "
+          "with FSDP2 (fully_shard) instead, or load a full state dict into a single-process copy and use that")
+
+def _is_shard(t) -> bool:                                               # a DTensor, tested without importing it
+    return hasattr(t, "full_tensor")
+
+def _local(t) -> torch.Tensor:                                          # this rank's part
+    return t.to_local() if _is_shard(t) else t
+
+def _full(t) -> torch.Tensor:
+    """t whole: a DTensor is gathered from every rank (a collective); an FSDP1 flat shard is refused."""
+    if getattr(t, "_fsdp_flattened", False):
+        raise ValueError(_FSDP1)
+    return t.full_tensor() if _is_shard(t) else t
+
+def _fsdp2():
+    """fully_shard's module class and distribute_tensor, from where this torch keeps them."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:                                                 # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
+    try:
+        from torch.distributed.tensor import distribute_tensor
+    except ImportError:                                                 # torch < 2.5
+        from torch.distributed._tensor import distribute_tensor
+    return FSDPModule, distribute_tensor
+
+def _sharded(model) -> nn.Module:
+    """The model with every FSDP2 parameter registered as its shard, as between training steps. (After a forward
+    without backward the root holds gathered copies, which a write would miss.)"""
+    if not isinstance(model, nn.Module):
+        return model                                                    # adapters(model) names the TypeError
+    if any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
+        raise ValueError(_FSDP1)
+    fsdp2 = _fsdp2()[0] if any(_is_shard(p) for p in model.parameters()) else ()
+    for m in [m for m in model.modules() if isinstance(m, fsdp2)]:
+        m.reshard()
+    return model
+
+def _write(p, t) -> None:
+    """p <- t, t whole; a DTensor p takes this rank's part (rank 0's t is scattered: every rank must call)."""
+    if _is_shard(p):
+        p, t = p.to_local(), _fsdp2()[1](t.to(p.device), p.device_mesh, p.placements).to_local()
+    p.copy_(t)
 
 def _shifted(u, w, merge: bool) -> torch.Tensor:
-    """W + DeltaW (merge), or W - the DeltaW of the last merge (unmerge)."""
+    """W + DeltaW (merge), or W - DeltaW (unmerge), whole: DeltaW from what the merge recorded."""
     dt = _wide(w.dtype)
-    return w.to(dt).add(u.delta_weight(at_merge=not merge).to(dt), alpha=1 if merge else -1).to(w.dtype)
+    return _full(w).to(dt).add(u.delta_weight(at_merge=True).to(dt), alpha=1 if merge else -1).to(w.dtype)
 
 def _memory(t: torch.Tensor) -> tuple:
-    """(storage, first byte, end byte) of the memory a tensor's elements span."""
+    """(storage, first byte, end byte) of the memory a tensor's elements span (a shard's, for a DTensor)."""
+    t = _local(t)
     extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     start = t.data_ptr()
     return t.untyped_storage().data_ptr(), start, start + extent * t.element_size()
@@ -724,7 +773,7 @@ def _sharers(model, w: torch.Tensor) -> list:
 
 @torch.no_grad()
 def _set_merged(model, merged: bool) -> int:
-    ups = adapters(model)
+    ups = adapters(_sharded(model))
     if any(u.disabled for u, _ in ups.values()):
         raise ValueError("the adapters are disabled (inside disable_adapters); merge, unmerge or unload after it")
     todo = {name: (u, w) for name, (u, w) in ups.items() if u.merged != merged}
@@ -737,14 +786,20 @@ def _set_merged(model, merged: bool) -> int:
             raise ValueError(f"{tied[0]} and {tied[1]} are one tied tensor (they share memory); merging {name!r} "
                              f"would change both. Untie them (assign a clone) or leave {name!r} out; unmerged, the "
                              "model is correct")
-        if not torch.isfinite(_shifted(u, w, merged)).all():
+    before = {u: {k: getattr(u, k + "_merged").clone() for k in _trainables(u)} for u, _ in todo.values()}
+    if merged:                                                          # record what goes in (whole)
+        for u, _ in todo.values():
+            for key, p in _trainables(u).items():
+                getattr(u, key + "_merged").copy_(_full(p))
+    for name, (u, w) in todo.items():
+        if not torch.isfinite(_shifted(u, w, merged)).all():            # the same on every rank
+            for v, record in before.items():                            # nothing was changed
+                for key, t in record.items():
+                    getattr(v, key + "_merged").copy_(t)
             raise ValueError(f"{'merging' if merged else 'unmerging'} {name!r} would give non-finite "
                              "weights; nothing was changed (check lam/gam and the weight's dtype range)")
     for u, w in todo.values():
-        if merged:                                                      # record what goes in
-            for key, p in _trainables(u).items():
-                getattr(u, key + "_merged").copy_(p)
-        w.copy_(_shifted(u, w, merged))
+        _write(w, _shifted(u, w, merged))
         u.merged = merged
         u.merged_flag.fill_(merged)
     return len(todo)
@@ -752,7 +807,8 @@ def _set_merged(model, merged: bool) -> int:
 
 def merge(model) -> int:
     """Fold every DeltaW into its base weight; layers then run at the base model's speed.
-    Idempotent; returns how many layers changed. Refuses tied weights, changing nothing."""
+    Idempotent; returns how many layers changed. Refuses tied weights, changing nothing.
+    Under FSDP2, every rank must call it; each keeps its shard of the merged weights."""
     return _set_merged(model, True)
 
 def unmerge(model) -> int:
@@ -778,7 +834,11 @@ def _unpatch(model, keep_update: bool) -> nn.Module:
 
 def unload(model) -> nn.Module:
     """Merge, then give the plain model back: its original modules, no parametrizations, the base state_dict
-    keys, each parameter's requires_grad as before patching. Raises ValueError where merge would."""
+    keys, each parameter's requires_grad as before patching. Raises ValueError where merge would, and under
+    FSDP2 (merge sharded instead, or unload a single-process copy)."""
+    if isinstance(model, nn.Module) and any(_is_shard(p) for p in model.parameters()):
+        raise ValueError("unload would replace modules that FSDP2 (fully_shard) manages; merge(model) works sharded, "
+                         "or load adapter_state_dict(model) (on every rank) into a single-process copy, unload that")
     merge(model)                                                        # refuses tied weights
     return _unpatch(model, keep_update=True)
 
@@ -841,12 +901,13 @@ def _header(model) -> dict:
 
 def adapter_state_dict(model) -> dict:
     """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r), "<name>.gam": (n, k),
-    .., the `trainable` modules' parameters and buffers}}: plain types and CPU tensors."""
-    return {**_header(model), "tensors": {key: t.detach().cpu().clone() for key, t in _saved(model).items()}}
+    .., the `trainable` modules' parameters and buffers}}: plain types and whole CPU tensors (under FSDP2 gathered:
+    every rank must call it)."""
+    return {**_header(model), "tensors": {key: _full(t).detach().cpu().clone() for key, t in _saved(model).items()}}
 
 def _checked(model, state) -> dict:
     """The model's {key: tensor} once `state` fits: all but the values (tensors may be on meta). Never reprs them."""
-    want, params = _header(model), _saved(model)
+    want, params = _header(model), _saved(_sharded(model))
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
     if any(u.disabled for u, _ in adapters(model).values()):
@@ -893,7 +954,7 @@ def load_adapter_state_dict(model, state) -> None:
                          "nothing was loaded")
     with torch.no_grad():
         for key, p in params.items():
-            p.copy_(tensors[key])
+            _write(p, tensors[key])
 
 def _safetensors():
     try:

@@ -1429,9 +1429,9 @@ def ddp_problem():
     return model, X, Y
 
 
-def train_scalings(module, params, X, Y, optimiser, steps=4):
-    opt = (torch.optim.SGD(params, lr=0.5, momentum=0.9) if optimiser == "sgd"
-           else torch.optim.Adam(params, lr=0.05))
+def train_scalings(module, params, X, Y, optimiser, steps=4, lr=None):
+    opt = (torch.optim.SGD(params, lr=lr or 0.5, momentum=0.9) if optimiser == "sgd"
+           else torch.optim.Adam(params, lr=lr or 0.05))
     for _ in range(steps):
         loss = F.mse_loss(module(X), Y)              # a mean: DDP's gradient average equals it
         opt.zero_grad()
@@ -1482,12 +1482,13 @@ def loopback_interface():
     return next((n for n in names if n.startswith("lo")), None)
 
 
-def run_ddp_ranks(tmp_path, world=2, timeout=60):
-    """Start `world` ranks on the gloo backend. Rendezvous through a file in tmp_path (no port to
-    pick, so no race with other test runs); gloo's own sockets are pinned to the loopback."""
+def run_ddp_ranks(tmp_path, world=2, timeout=60, main="ddp_rank_main"):
+    """Start `world` ranks on the gloo backend, each running main(rank, world, rendezvous, out).
+    Rendezvous through a file in tmp_path (no port to pick, so no race with other test runs);
+    gloo's own sockets are pinned to the loopback."""
     code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('ddp_worker', sys.argv[1]); "
             "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
-            "m.ddp_rank_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])")
+            f"m.{main}(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])")
     repo = os.path.dirname(os.path.abspath(R.__file__))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -1616,6 +1617,193 @@ def test_auto_path_compiles_without_a_graph_break(mode):
     finally:
         torch._dynamo.reset()
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+# --------------------------------------------------------------------------- FSDP
+# One start of two gloo ranks runs every FSDP check; each test below reads its part of the results.
+# fully_shard moved from torch.distributed._composable.fsdp (2.4, 2.5) to torch.distributed.fsdp (2.6).
+# FSDP2 on CPU ranks fails before torch 2.7: 2.4.1's CUDA wheel calls CUDA, 2.5.1 "FSDP requires CUDA
+# for streams", 2.6.0 "'Stream' object has no attribute 'record_event'".
+FSDP2_ON_CPU = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 7)
+NEEDS_FSDP2_ON_CPU = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 runs on CPU ranks from torch 2.7")
+
+
+def fsdp_problem(device=None):
+    """Two pre-norm blocks, a trainable norm and an adapted head; the batch that the ranks split."""
+    with torch.random.fork_rng(), torch.device(device or "cpu"):
+        torch.manual_seed(0)
+        model = nn.Sequential(TinyBlock(), TinyBlock(), nn.LayerNorm(16), nn.Linear(16, 4))
+    R.add_randlora(model, ["qkv", "proj", "fc1", "fc2", "3"], r=4, alpha=8.0, seed=3, trainable=["2"])
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(4, 3, 16, generator=g)                               # (B, T, d)
+    Y = torch.randn(4, 3, 4, generator=g)                                # (B, T, out)
+    return model, X, Y
+
+
+def fully_shard_blocks(model):
+    """FSDP2 as its docs recommend: each block, then the root (which then holds the norm and head)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:                                                  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    for block in model[:2]:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def fsdp2_rank_checks(rank, world, res):
+    """Train sharded, save, merge, unmerge, unload, load into a fresh sharded model, and the
+    meta-device recipe. Every call that gathers is made on every rank."""
+    model, X, Y = fully_shard_blocks(fsdp_problem()[0]), *fsdp_problem()[1:]
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_scalings(model, params, X.chunk(world)[rank], Y.chunk(world)[rank], "sgd", lr=0.1)
+    res["trainables_are_shards"] = all(type(p).__name__ == "DTensor" for p in params)
+    state = R.adapter_state_dict(model)
+    res["state_types"] = sorted({type(t).__name__ for t in state["tensors"].values()})
+    res["state"] = state["tensors"]
+    with torch.no_grad():
+        res["y"] = model(X)                       # the root keeps its head gathered after this
+    res["merged"], res["merged_again"] = R.merge(model), R.merge(model)
+    res["weights_stay_shards"] = all(type(w).__name__ == "DTensor" for _, w in R.adapters(model).values())
+    res["W_merged"] = {name: w.full_tensor() for name, (_, w) in R.adapters(model).items()}
+    model.reshard()                               # as a backward would: only the shards are kept
+    with torch.no_grad():
+        res["y_merged"] = model(X)
+    res["unmerged"] = R.unmerge(model)
+    model.reshard()
+    with torch.no_grad():
+        res["y_unmerged"] = model(X)
+    try:
+        R.unload(model)
+    except ValueError as e:
+        res["unload_error"] = str(e)
+    ups = R.adapters(model).values()
+    res["unload_changed_nothing"] = len(ups) == 9 and not any(u.merged for u, _ in ups)
+
+    fresh = fully_shard_blocks(fsdp_problem()[0])
+    with torch.no_grad():
+        fresh(X)                                  # gathered head again: the load must reach the shard
+    R.load_adapter_state_dict(fresh, state)
+    fresh.reshard()
+    with torch.no_grad():
+        res["y_loaded"] = fresh(X)
+    lam = fresh[0].qkv.lam
+    res["lam_local"], res["lam_placements"] = lam.to_local().clone(), str(lam.placements)
+
+    # The recipe for a model too large for one rank: build on meta, patch, shard, materialise,
+    # load the base weights; it must compute what patching the real weights computes.
+    import torch.distributed.checkpoint.state_dict as dcp
+
+    try:
+        meta = fully_shard_blocks(fsdp_problem(device="meta")[0])
+        meta.to_empty(device="cpu")
+        dcp.set_model_state_dict(meta, fsdp_problem()[0].state_dict(),
+                                 options=dcp.StateDictOptions(full_state_dict=True))
+        R.load_adapter_state_dict(meta, state)
+        with torch.no_grad():
+            res["y_meta"] = meta(X)
+    except Exception as e:                        # the test shows it
+        res["meta_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def fsdp1_rank_checks(res):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    inner = fsdp_problem()[0]
+    state = R.adapter_state_dict(inner)
+    fsdp1 = FullyShardedDataParallel(inner, use_orig_params=True, device_id=torch.device("cpu"))
+    for name, call in [("adapter_state_dict", lambda: R.adapter_state_dict(fsdp1)),
+                       ("inner adapter_state_dict", lambda: R.adapter_state_dict(inner)),
+                       ("load_adapter_state_dict", lambda: R.load_adapter_state_dict(fsdp1, state)),
+                       ("merge", lambda: R.merge(fsdp1)), ("unload", lambda: R.unload(fsdp1))]:
+        try:
+            call()
+            res[f"fsdp1 {name}"] = "no error"
+        except Exception as e:                    # the test names the type
+            res[f"fsdp1 {name}"] = f"{type(e).__name__}: {e}"
+
+
+def fsdp_rank_main(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    res = {}
+    if FSDP2_ON_CPU:
+        fsdp2_rank_checks(rank, world, res)
+    fsdp1_rank_checks(res)
+    torch.save(res, out_file)
+    dist.barrier()
+    os._exit(0)                                   # as ddp_rank_main: no gloo teardown
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory):
+    return run_ddp_ranks(tmp_path_factory.mktemp("fsdp"), timeout=120, main="fsdp_rank_main")
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference():
+    """Single-process training on the concatenated batch, and what rank 0 would learn alone."""
+    model, X, Y = fsdp_problem()
+    train_scalings(model, [p for p in model.parameters() if p.requires_grad], X, Y, "sgd", lr=0.1)
+    half, _, _ = fsdp_problem()
+    train_scalings(half, [p for p in half.parameters() if p.requires_grad], X.chunk(2)[0], Y.chunk(2)[0], "sgd",
+                   lr=0.1)
+    return model, R.adapter_state_dict(half)["tensors"], X
+
+
+@NEEDS_FSDP2_ON_CPU
+def test_fsdp2_training_matches_single_process_and_saves_whole_tensors(fsdp_ranks, fsdp_reference):
+    ref, half, X = fsdp_reference
+    reference, init = R.adapter_state_dict(ref)["tensors"], R.adapter_state_dict(fsdp_problem()[0])["tensors"]
+    for res in fsdp_ranks:
+        assert res["trainables_are_shards"] and res["state_types"] == ["Tensor"]
+        assert res["state"].keys() == reference.keys()
+        for key, t in reference.items():                # lam, gam and the norm: whole, as one process saves
+            torch.testing.assert_close(res["state"][key], t, rtol=1e-5, atol=1e-7)
+            assert not torch.allclose(half[key], t, rtol=1e-3, atol=1e-5)    # the test has teeth
+            assert not torch.equal(t, init[key])        # everything trained
+        torch.testing.assert_close(res["y"], ref(X).detach(), rtol=1e-5, atol=1e-6)
+    plain, _, _ = fsdp_problem()                          # the saved adapter loads anywhere
+    R.load_adapter_state_dict(plain, {**R.adapter_state_dict(plain), "tensors": fsdp_ranks[0]["state"]})
+    torch.testing.assert_close(plain(X).detach(), fsdp_ranks[0]["y"], rtol=1e-5, atol=1e-6)
+
+
+@NEEDS_FSDP2_ON_CPU
+def test_fsdp2_adapter_loads_into_a_sharded_model_each_rank_its_rows(fsdp_ranks):
+    for rank, res in enumerate(fsdp_ranks):
+        torch.testing.assert_close(res["y_loaded"], res["y"], rtol=1e-5, atol=1e-6)
+        assert res["lam_placements"] == "(Shard(dim=0),)"
+        assert torch.equal(res["lam_local"], res["state"]["0.qkv.lam"].chunk(2)[rank])
+
+
+@NEEDS_FSDP2_ON_CPU
+def test_fsdp2_merge_and_unmerge_work_on_shards_and_unload_is_refused(fsdp_ranks, fsdp_reference):
+    ref, _, X = fsdp_reference
+    y_ref = ref(X).detach()
+    R.merge(ref)
+    for res in fsdp_ranks:
+        assert (res["merged"], res["merged_again"], res["unmerged"]) == (9, 0, 9) and res["weights_stay_shards"]
+        for name, (_, w) in R.adapters(ref).items():     # each rank merged its rows of W + DeltaW
+            torch.testing.assert_close(res["W_merged"][name], w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(res["y_merged"], y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res["y_unmerged"], res["y"], rtol=1e-5, atol=1e-6)
+        assert "merge(model) works sharded" in res["unload_error"] and res["unload_changed_nothing"]
+
+
+def test_fsdp1_flat_shards_are_refused_with_what_to_do(fsdp_ranks):
+    for res in fsdp_ranks:
+        for name in ("adapter_state_dict", "inner adapter_state_dict", "load_adapter_state_dict", "merge", "unload"):
+            assert res[f"fsdp1 {name}"].startswith("ValueError: the model is sharded by FSDP1"), name
+            assert "fully_shard" in res[f"fsdp1 {name}"]
+
+
+@NEEDS_FSDP2_ON_CPU
+def test_fsdp2_model_patched_on_meta_then_materialised_computes_what_the_real_one_does(fsdp_ranks):
+    for res in fsdp_ranks:
+        assert "meta_error" not in res, res.get("meta_error")
+        torch.testing.assert_close(res["y_meta"], res["y"], rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- mixed precision
