@@ -152,13 +152,14 @@ class SharedBases(nn.Module):
                 self.A = self.A.to(wanted)
                 self.B = self.B.to(wanted)
         for layer in self.layers:
+            layer.fitted_dtype = layer.base_weight().dtype
             layer.views(remake=True)
 
     def _apply(self, fn, *args, **kwargs):
-        was_meta = self.B.is_meta
+        before = None if self.B.is_meta else self.B.data_ptr()
         super()._apply(fn, *args, **kwargs)
-        if was_meta and not self.B.is_meta and self.layers:             # to_empty: uninitialised memory
-            self.redraw(self.B.dtype)
+        if self.layers and not self.B.is_meta and self.B.data_ptr() != before:
+            self.redraw(self.B.dtype)                                   # new memory: to_empty leaves it uninitialised
         self.fit()
         return self
 
@@ -265,7 +266,8 @@ def _trainables(u) -> dict:
     return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
 
 _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+          "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 class _Update(nn.Module):
@@ -287,6 +289,9 @@ class _Update(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self.merged = bool(self.merged_flag)
+        shared = getattr(self, "_shared", None)
+        if shared is not None and shared.B.is_meta and not self.merged_flag.is_meta:   # assign=True from meta
+            shared.to_empty(device=self.merged_flag.device)             # drawn again from the seed
 
     def _apply(self, fn, *args, **kwargs):
         was_meta = self.merged_flag.is_meta
@@ -341,13 +346,12 @@ class _Update(nn.Module):
 
 
 def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
-    """Hand src's forward/backward hooks (and an accelerate hook's wrapped forward) to dst. The hook
-    dicts move whole, so the handles that registered them still remove them."""
+    """Give dst src's hook dicts (the same objects: a handle removes from both, a hook added on either runs
+    on whichever is in the model) and move an accelerate hook's wrapped forward. Only the module in the
+    model is called, so each hook runs once."""
     for attr in _HOOKS:
         if hasattr(src, attr):
-            value = getattr(src, attr)
-            setattr(dst, attr, value)
-            setattr(src, attr, type(value)() if value is not None else None)
+            setattr(dst, attr, getattr(src, attr))
     if "forward" in vars(src) and hasattr(src, "_hf_hook"):             # accelerate: partial(new_forward, src)
         dst._hf_hook = src._hf_hook
         dst._old_forward = type(dst).forward.__get__(dst)
@@ -374,6 +378,7 @@ class RandLoRA(_Update):
         self.threshold_training = math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m))
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
         object.__setattr__(self, "_owner", None)                        # set when it parametrizes a weight
+        self.fitted_dtype = weight.dtype                                # the weight's dtype the bases last fitted
         bases.layers.append(self)
         self.views(remake=True)
 
@@ -398,6 +403,8 @@ class RandLoRA(_Update):
     def delta_weight(self, at_merge=False) -> torch.Tensor:
         """DeltaW in the base weight's layout ((in, out) for a Conv1D); `at_merge`: as last merged."""
         lam, gam = (self.lam_merged, self.gam_merged) if at_merge else (self.lam, self.gam)
+        if self.base_weight().dtype != self.fitted_dtype:
+            self._shared.fit()
         A, Bcat = self.views()
         dt = torch.promote_types(lam.dtype, A.dtype)
         dw = _delta(Bcat.to(dt), _lq(lam, gam, A).to(dt), self.scale, self.transposed)
@@ -406,6 +413,8 @@ class RandLoRA(_Update):
     def forward(self, W):                                               # as a parametrization
         if self.merged or self.disabled:
             return W
+        if W.dtype != self.fitted_dtype:                                # cast after the bases were fitted
+            self._shared.fit()
         A, Bcat = self.views()                                          # autograd keeps these views, lam and gam
         dt = torch.promote_types(W.dtype, A.dtype)                      # W's, unless the bases are wider
         with contextlib.nullcontext() if W.is_meta else torch.autocast(W.device.type, enabled=False):   # W's dtype
@@ -779,8 +788,9 @@ def _set_merged(model, merged: bool) -> int:
     todo = {name: (u, w) for name, (u, w) in ups.items() if u.merged != merged}
     for name, (u, w) in todo.items():                                  # check everything first
         if w.is_meta:
-            raise ValueError(f"{name!r} is on the meta device; bring the model to a device and load its weights "
-                             "(model.to_empty(device=...), then load_state_dict) before merging")
+            raise ValueError(f"{name!r} is on the meta device (no values yet, or offloaded by accelerate); bring "
+                             "the model to a device and load its weights (model.to_empty(device=...), then "
+                             "load_state_dict) before merging")
         tied = _sharers(model, w)
         if len(tied) > 1:
             raise ValueError(f"{tied[0]} and {tied[1]} are one tied tensor (they share memory); merging {name!r} "
@@ -899,11 +909,18 @@ def _header(model) -> dict:
     shapes = {n: list(w.shape[::-1] if u.fan_in_fan_out else w.shape) for n, (u, w) in adapters(model).items()}
     return {"format_version": FORMAT_VERSION, "config": config, "shapes": shapes}
 
+_ON_META = ("the model's adapters are on the meta device (no values yet, or offloaded by accelerate); "
+            "materialise it first (model.to_empty(device=...), then load the base weights)")
+
+
 def adapter_state_dict(model) -> dict:
     """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r), "<name>.gam": (n, k),
     .., the `trainable` modules' parameters and buffers}}: plain types and whole CPU tensors (under FSDP2 gathered:
     every rank must call it)."""
-    return {**_header(model), "tensors": {key: _full(t).detach().cpu().clone() for key, t in _saved(model).items()}}
+    saved = _saved(model)
+    if any(t.is_meta for t in saved.values()):
+        raise ValueError(f"cannot save: {_ON_META}")
+    return {**_header(model), "tensors": {key: _full(t).detach().cpu().clone() for key, t in saved.items()}}
 
 def _checked(model, state) -> dict:
     """The model's {key: tensor} once `state` fits: all but the values (tensors may be on meta). Never reprs them."""
@@ -945,6 +962,8 @@ def _checked(model, state) -> dict:
 def load_adapter_state_dict(model, state) -> None:
     """Load into a model patched with the same config and layer shapes; all is checked, values last, before any copy."""
     params, tensors = _checked(model, state), state["tensors"]
+    if any(p.is_meta for p in params.values()):
+        raise ValueError(f"cannot load into it: {_ON_META}; load the adapter after that")
     on_meta = [k for k in params if tensors[k].is_meta]
     if on_meta:
         raise ValueError(f"checkpoint entries {on_meta[:5]} are on the meta device (no values); nothing was loaded")

@@ -3587,3 +3587,66 @@ def test_the_module_documents_exactly_its_public_names():
     for leaked in ("zipfile", "hashlib", "contextlib", "functools"):
         assert f"\n    {leaked}\n" not in text
     assert "Usage" in R.__doc__
+
+
+def test_to_empty_on_a_real_patched_model_draws_the_bases_again():
+    model = two_layer()
+    R.add_randlora(model, ["0", "2"], r=2, alpha=4.0)
+    set_update_size(model, 0.3)
+    x = torch.randn(3, 8)
+    want, state = model(x), copy.deepcopy(model.state_dict())
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    assert torch.equal(model(x), want)
+
+
+def test_meta_patched_model_loaded_with_assign_draws_its_bases():
+    real = two_layer()
+    R.add_randlora(real, ["0", "2"], r=2, alpha=4.0)
+    set_update_size(real, 0.3)
+    with torch.device("meta"):
+        meta = two_layer()
+    R.add_randlora(meta, ["0", "2"], r=2, alpha=4.0)
+    meta.load_state_dict(real.state_dict(), assign=True)
+    x = torch.randn(3, 8)
+    assert torch.equal(meta(x), real(x))
+
+
+def test_saving_or_loading_adapters_of_a_meta_model_is_a_value_error():
+    real = two_layer()
+    R.add_randlora(real, ["0", "2"], r=2, alpha=4.0)
+    with torch.device("meta"):
+        meta = two_layer()
+    R.add_randlora(meta, ["0", "2"], r=2, alpha=4.0)
+    with pytest.raises(ValueError, match="meta device"):
+        R.adapter_state_dict(meta)
+    with pytest.raises(ValueError, match="meta device"):
+        R.load_adapter_state_dict(meta, R.adapter_state_dict(real))
+
+
+@pytest.mark.parametrize("direction", ["widen", "narrow"])
+def test_a_cast_of_a_parametrized_weight_refits_the_bases(direction):
+    """The parametrization's weight is cast after its RandLoRA module: the bases follow at the next use."""
+    start, end = (torch.bfloat16, torch.float32) if direction == "widen" else (torch.float32, torch.bfloat16)
+    model = two_layer(dtype=start)
+    R.add_randlora(model, [], r=2, alpha=4.0, target_parameters=["2.weight"])
+    set_update_size(model, 0.3)
+    model.to(end)
+    fresh = two_layer(dtype=end)
+    R.add_randlora(fresh, [], r=2, alpha=4.0, target_parameters=["2.weight"])
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(3, 8, dtype=end)
+    assert torch.equal(model(x), fresh(x))
+    assert R.adapters(model)["2.weight"][0].views()[1].dtype == end
+
+
+def test_hooks_added_on_the_replaced_module_after_patching_survive_unload():
+    model = two_layer()
+    lin = model[0]
+    R.add_randlora(model, ["0"], r=2, alpha=4.0)
+    calls = []
+    lin.register_forward_hook(lambda m, a, y: calls.append(1))
+    model(torch.randn(2, 8))
+    R.unload(model)
+    model(torch.randn(2, 8))
+    assert len(calls) == 2
