@@ -13,13 +13,17 @@ Symbols and shapes (the letters of every shape comment below):
     r          rank of each random basis;  n = ceil(k / r) bases;  m = n * r >= k
     A          (r, k)       = A_full[:, :k]        one A shared by all n bases of a layer
     B          (n, D, r)    = B_full[:n, :D, :]    B_b = B[b];  Bcat = [B_1 .. B_n]  (D, m)
-    lam, gam   (n, r), (n, k)   trainable, init 0 and 1/D: the diagonals of Lambda_b, Gamma_b
-    s          alpha / (r * sqrt(n))
+    lam, gam   (n, r), (n, k)   trainable, init 0 and gam0: the diagonals of Lambda_b, Gamma_b
+    s, gam0    by the convention `scaling` names (lam = 0 makes the patched model the base model):
+                 "paper" (default)  s = alpha / (r sqrt(n)),  gam0 = 1/D   [1, app. C.4, and the authors' code]
+                 "peft"             s = alpha / r,            gam0 = 1/k   [4]; its default alpha = 20r: s = 20
 A_full (r, k_max) and B_full (n_max, D_max, r) are drawn once per model; layers read views.
 
-The scale and init are the authors' [1, app. C.4, and their code]: alpha / r is divided by
-sqrt(n), as a sum of n independent random rank-r terms grows like sqrt(n); lam = 0 makes the
-patched model equal the base model. The paper's alpha = 2r gives s = 2 / sqrt(n).
+"paper" divides alpha / r by sqrt(n), as a sum of n independent random rank-r terms grows like
+sqrt(n); the paper's alpha = 2r gives s = 2 / sqrt(n). The first author has since called that an
+older strategy, abandoned for scaling the bases, and the Hugging Face code the most up to date,
+with s "somewhere between 2r and 20r" [5]. Under Adam the first steps move DeltaW by about
+s gam0 lr, which is sqrt(n) D / k times larger under "peft" at the same alpha and lr.
 
 Why the update is full rank: U = s Bcat LQ, LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)]
 (m, k). With m >= k, random bases and generic lam, gam (distinct across b) both factors have
@@ -41,6 +45,9 @@ References
         ICLR 2025, arXiv 2502.00987 (sec. 4: eqs. 4 and 8; sec. 6.4; app. C.4-C.6).
     [2] Li, Hastie, Church, Very sparse random projections, KDD 2006 (ternary bases).
     [3] Hu et al., LoRA: Low-rank adaptation of large language models, ICLR 2022.
+    [4] Hugging Face PEFT 0.21, src/peft/tuners/randlora (layer.py: scaling = randlora_alpha / r, gamma from
+        1 / max(gamma.shape); config.py: randlora_alpha = 640 for r = 32).
+    [5] P. Albert, "Questions about scaling", github.com/PaulAlbert31/RandLoRA/issues/1, July 2025.
 """
 import contextlib
 import math
@@ -56,6 +63,7 @@ from torch.nn.utils import parametrize
 FORMAT_VERSION = 2          # 2: s = alpha / (r sqrt(n)), gam from 1/D; 1 had s = alpha / r, 1/k
 BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
 PATHS = ("auto", "materialised", "factored")
+SCALINGS = ("paper", "peft")
 
 # ---- Configuration ---------------------------------------------------------------------
 
@@ -63,13 +71,14 @@ PATHS = ("auto", "materialised", "factored")
 class AdapterConfig:
     method: str                          # "randlora" or "lora"
     r: int                               # rank of each random basis (RandLoRA) / of the update (LoRA)
-    alpha: float                         # s = alpha / (r sqrt(n)) (RandLoRA), alpha / r (LoRA)
+    alpha: float                         # RandLoRA: s = alpha / (r sqrt(n)) or alpha / r (by scaling); LoRA: alpha / r
     basis: str = "uniform"               # distribution of the frozen bases (RandLoRA only)
     seed: int = 0                        # seeds the bases (RandLoRA) or LoRA's A
     dropout: float = 0.0                 # dropout on the adapter branch's input while training
     target_modules: tuple = ()           # qualified names (or dotted suffixes) of nn.Linear / Conv1D
     target_parameters: tuple = ()        # qualified names (or suffixes) of raw 2-D weight Parameters
     trainable: tuple = ()                # modules left trainable and saved with the adapter (a head)
+    scaling: str = "paper"               # RandLoRA's s and gam0: "paper" or "peft" (the docstring); not LoRA's
 
 # ---- Frozen random bases ---------------------------------------------------------------
 
@@ -213,14 +222,17 @@ class _Update(nn.Module):
 class RandLoRA(_Update):
     """The update of one frozen weight (lam, gam, views of the bases); alone, a parametrization W -> W + DeltaW."""
 
-    def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False):
+    def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False, scaling="paper"):
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
         k, D, tr = min(in_f, out_f), max(in_f, out_f), in_f > out_f
         n, m = math.ceil(k / r), math.ceil(k / r) * r
+        s, gam0 = (alpha / (r * math.sqrt(n)), 1 / D) if scaling == "paper" else (alpha / r, 1 / k)
         kw = dict(device=weight.device, dtype=_wide(weight.dtype))     # float32 masters for bf16/fp16
         super().__init__(fan_in_fan_out, lam=torch.zeros(n, r, **kw),  # (n, r)
-                         gam=torch.full((n, k), 1 / D, **kw))          # (n, k)
-        self.k, self.D, self.r, self.n, self.transposed, self.scale = k, D, r, n, tr, alpha / (r * math.sqrt(n))
+                         gam=torch.full((n, k), gam0, **kw))           # (n, k)
+        self.k, self.D, self.r, self.n, self.transposed, self.scale = k, D, r, n, tr, s
         self.threshold_inference = math.ceil(D * k * m / (D * m + k * m))          # see the docstring
         self.threshold_training = math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m))
         object.__setattr__(self, "_shared", bases)                      # a reference, not a child
@@ -273,8 +285,8 @@ class LoRA(_Update):
 class RandLoRALinear(RandLoRA):
     """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the docstring's rule), or one forced."""
 
-    def __init__(self, base: nn.Module, bases: SharedBases, r, alpha, dropout=0.0):
-        super().__init__(base.weight, bases, r, alpha, fan_in_fan_out=type(base).__name__ == "Conv1D")
+    def __init__(self, base: nn.Module, bases: SharedBases, r, alpha, dropout=0.0, scaling="paper"):
+        super().__init__(base.weight, bases, r, alpha, type(base).__name__ == "Conv1D", scaling)
         self._adopt(base, dropout)
         self.path = "auto"
 
@@ -422,22 +434,27 @@ def _patch(model, c: AdapterConfig) -> list:
         p.requires_grad_(True)
     for i, (name, kind, mod, w) in enumerate(targets):
         if kind == "module":
-            layer = (RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout) if rand
+            layer = (RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout, c.scaling) if rand
                      else LoRALinear(mod, c.r, c.alpha, gen, c.dropout))
             _replace(model, mod, layer)
         else:
-            layer = RandLoRA(w, shared, c.r, c.alpha) if rand else LoRA(w, c.r, c.alpha, gen)
+            layer = RandLoRA(w, shared, c.r, c.alpha, scaling=c.scaling) if rand else LoRA(w, c.r, c.alpha, gen)
             parametrize.register_parametrization(mod, name.rpartition(".")[2], layer)
         if i == 0:
             layer.shared_bases = shared                                # registered once, here
     return [t[0] for t in targets]
 
 def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0, target_parameters=(),
-                 trainable=()) -> list:
+                 trainable=(), scaling="paper") -> list:
     """Patch `model` in place: each nn.Linear / Conv1D named (exactly or by dotted suffix) in `target_modules`
     becomes a RandLoRALinear, each 2-D Parameter in `target_parameters` gets a RandLoRA parametrization; all else
-    is frozen but the `trainable` modules (a head). Returns the adapted names; bad input changes nothing."""
-    c = AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable)
+    is frozen but the `trainable` modules (a head). `scaling` picks s and gam0 (the docstring's "paper" or
+    "peft"). Returns the adapted names; bad input changes nothing."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; choose 'paper' (s = alpha / (r sqrt(n)), gam from 1/D) "
+                         "or 'peft' (s = alpha / r, gam from 1/k, Hugging Face PEFT's)")
+    c = AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable,
+                      scaling)
     return _patch(model, c)
 
 def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=(), trainable=()) -> list:
@@ -590,7 +607,7 @@ def load_adapter_state_dict(model, state) -> None:
     saved, tensors = state["config"], state["tensors"]
     if not _is_plain(saved) or not isinstance(tensors, dict):
         raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
-    for key in [k for k in ("method", "r", "alpha", "basis", "seed") if saved.get(k) != want["config"][k]]:
+    for key in [k for k in ("method", "r", "alpha", "basis", "seed", "scaling") if saved.get(k) != want["config"][k]]:
         raise ValueError(f"checkpoint {key} differs from the model's {key}={want['config'][key]!r}; "
                          "patch a fresh model with the checkpoint's config")
     missing = [k for k in params if k not in tensors]

@@ -88,34 +88,43 @@ def test_update_is_full_rank_while_lora_is_rank_r(i, o, r, seed, basis):
 
 
 @FAST
-@given(i=dims, o=dims, r=st.integers(1, 9), seed=st.integers(0, 2**16))
-def test_vectorised_delta_equals_literal_sum_of_eq4(i, o, r, seed):
+@given(i=dims, o=dims, r=st.integers(1, 9), seed=st.integers(0, 2**16), scaling=st.sampled_from(R.SCALINGS))
+def test_vectorised_delta_equals_literal_sum_of_eq4(i, o, r, seed, scaling):
     r = min(r, i, o)
     model = mlp(i, o, i)                                                     # both orientations
-    R.add_randlora(model, ["0", "2"], r, 3.0, seed=seed)
+    R.add_randlora(model, ["0", "2"], r, 3.0, seed=seed, scaling=scaling)
     randomise(model, seed)
     for u, w in R.adapters(model).values():
         assert u.n == math.ceil(min(w.shape) / r) and u.delta_weight().shape == w.shape
         torch.testing.assert_close(u.delta_weight(), oracle_delta(u), rtol=1e-12, atol=1e-12)
 
 
+CONSTANTS = {                                                                # (s, gam0) of each convention
+    "paper": lambda alpha, r, n, k, D: (alpha / (r * math.sqrt(n)), 1 / D),     # the paper's app. C.4, its code
+    "peft": lambda alpha, r, n, k, D: (alpha / r, 1 / k),                       # Hugging Face PEFT 0.21
+}
+
+
 @FAST
-@given(i=dims, o=dims, r=st.integers(1, 9), alpha=st.floats(0.1, 64.0), seed=st.integers(0, 2**16))
-def test_scale_is_alpha_over_r_sqrt_n_and_init_is_lam_zero_gam_one_over_D(i, o, r, alpha, seed):
-    """The authors' constants: s = alpha / (r sqrt(n)) times eq. 4's literal sum (over bases drawn
-    here from make_bases, not read from the layer), lam = 0 and gam = 1/D at init."""
+@given(i=dims, o=dims, r=st.integers(1, 9), alpha=st.floats(0.1, 64.0), seed=st.integers(0, 2**16),
+       scaling=st.sampled_from(R.SCALINGS))
+def test_scale_and_initial_gam_of_each_convention_against_literal_eq4(i, o, r, alpha, seed, scaling):
+    """Each convention's constants: s times eq. 4's literal sum (over bases drawn here from make_bases,
+    not read from the layer), lam = 0 and gam = gam0 at init; "paper" (the default): s = alpha / (r sqrt(n)),
+    gam0 = 1/D; "peft": s = alpha / r, gam0 = 1/k."""
     r = min(r, i, o)
     k, D, n = min(i, o), max(i, o), math.ceil(min(i, o) / r)
+    s, gam0 = CONSTANTS[scaling](alpha, r, n, k, D)
     model = nn.Sequential(nn.Linear(i, o)).double()
-    R.add_randlora(model, ["0"], r, alpha, seed=seed)
+    R.add_randlora(model, ["0"], r, alpha, seed=seed, **({} if scaling == "paper" else {"scaling": scaling}))
     u = model[0]
     assert u.lam.shape == (n, r) and (u.lam == 0).all()
-    assert u.gam.shape == (n, k) and (u.gam == 1 / D).all()
+    assert u.gam.shape == (n, k) and (u.gam == gam0).all()
     randomise(model, seed)
     A, B = (t.double() for t in R.make_bases(r, k, D, "uniform", seed))
     lam, gam = u.lam.detach(), u.gam.detach()
     U = sum(B[b] @ torch.diag(lam[b]) @ A @ torch.diag(gam[b]) for b in range(n))   # (D, k)
-    want = alpha / (r * math.sqrt(n)) * (U.T if i > o else U)                      # (out, in)
+    want = s * (U.T if i > o else U)                                               # (out, in)
     torch.testing.assert_close(u.delta_weight(), want, rtol=1e-12, atol=1e-12)
     lora = nn.Sequential(nn.Linear(i, o)).double()
     R.add_lora(lora, ["0"], r, alpha)
@@ -531,6 +540,28 @@ def test_checkpoint_round_trip_in_a_fresh_model(tmp_path):
     assert torch.equal(fresh(x), model(x))
 
 
+def test_an_adapter_file_records_its_scaling_and_loads_with_it(tmp_path):
+    """A "peft" adapter file patches an unpatched model with "peft" (its s and outputs come back); a model
+    patched with "paper" refuses it, as its lam and gam would act sqrt(n) D / k times smaller there."""
+    base = mlp(8, 12, 8)
+    model = copy.deepcopy(base)
+    R.add_randlora(model, ["0", "2"], 2, 4.0, scaling="peft")
+    randomise(model)
+    R.save_adapter(model, tmp_path / "a.pt")
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["config"]["scaling"] == "peft"
+    fresh = copy.deepcopy(base)
+    R.load_adapter(fresh, tmp_path / "a.pt")                                  # patches from the file
+    assert R.adapter_config(fresh).scaling == "peft" and fresh[0].scale == model[0].scale == 2.0
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(fresh(x), model(x))
+    paper = copy.deepcopy(base)
+    R.add_randlora(paper, ["0", "2"], 2, 4.0)
+    before = snapshot(paper)
+    with pytest.raises(ValueError, match="checkpoint scaling differs from the model's scaling='paper'"):
+        R.load_adapter(paper, tmp_path / "a.pt")
+    assert_unchanged(paper, before)
+
+
 def test_lora_checkpoint_round_trip():
     model, fresh = mlp(8, 12, 8, torch.float32), mlp(8, 12, 8, torch.float32)
     for m in (model, fresh):
@@ -561,6 +592,7 @@ def assert_unchanged(model, before):
     (dict(target_modules=["0"], r=2, alpha=float("nan")), ValueError, "finite"),
     (dict(target_modules=["0"], r=2, alpha=float("inf")), ValueError, "finite"),
     (dict(target_modules=["0"], r=2, alpha=1.0, basis="gaussian"), ValueError, "unknown basis"),
+    (dict(target_modules=["0"], r=2, alpha=1.0, scaling="hf"), ValueError, "unknown scaling 'hf'; choose 'paper'"),
     (dict(target_modules=["0"], r=2, alpha=1.0, dropout=1.0), ValueError, "dropout"),
     (dict(target_modules=[3], r=2, alpha=1.0), TypeError, "target_modules"),
     (dict(target_modules=[], r=2, alpha=1.0), ValueError, "nothing to adapt"),
@@ -587,6 +619,7 @@ def test_patching_twice_is_refused():
 
 @pytest.mark.parametrize("change,words", [
     (dict(seed=1), "seed"), (dict(r=3), "r=3"), (dict(basis="normal"), "basis"),
+    (dict(scaling="peft"), "scaling='peft'"),
 ])
 def test_loading_a_mismatched_checkpoint_is_refused(change, words):
     cfg = dict(target_modules=["0", "2"], r=2, alpha=1.0, basis="uniform", seed=0)
@@ -2791,3 +2824,72 @@ def test_unloaded_gpt2_reloads_with_from_pretrained_as_a_plain_model(tmp_path):
     plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert not any("lam" in k or "gam" in k for k in plain.state_dict())
     torch.testing.assert_close(plain(ids).logits, want)
+
+
+# --------------------------------------------------------------------------- parity with Hugging Face PEFT
+
+
+class ThreeLinears(nn.Module):
+    """in < out (7 -> 12), in > out (12 -> 5), and k = 5 or 7, neither divisible by r = 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.out = nn.Linear(7, 12), nn.Linear(12, 5), nn.Linear(5, 9)
+
+    def forward(self, x):                                                     # (T, 7) -> (T, 9)
+        return self.out(torch.tanh(self.down(torch.tanh(self.up(x)))))
+
+
+def test_peft_convention_equals_hugging_face_peft_randlora_in_float64():
+    """With the same bases, lam and gam, scaling="peft" gives PEFT's RandLoRA (0.21) DeltaW, outputs and
+    gradients. Read from peft/tuners/randlora: its layer multiplies column j of its flattened B (D, n r), basis
+    j // r at rank index j % r, with row j of its flattened lam * A * gam (n r, k), rank index j // n of basis
+    j % n; eq. 4's terms (b, i) in another order, which our Bcat takes through `perm`. Its A (r, 1, k_max) is
+    one A for all bases, as ours; its lam is (r, n), ours lam.T; it transposes for in > out as we do. It divides
+    its drawn bases by their empirical std (ours have unit variance by construction): other values, not another
+    formula, so once ours hold its values nothing else differs. Both start at lam = 0, gam = 1/k, s = alpha / r."""
+    peft = pytest.importorskip("peft")
+    names, r, alpha = ["up", "down", "out"], 3, 60.0                         # PEFT's default alpha = 20r
+    torch.manual_seed(0)
+    base = ThreeLinears().double()
+    ours = copy.deepcopy(base)
+    R.add_randlora(ours, names, r, alpha, scaling="peft")
+    config = peft.RandLoraConfig(r=r, randlora_alpha=alpha, target_modules=names)
+    hf = peft.get_peft_model(copy.deepcopy(base), config).base_model
+    layers = {name: (hf.model.get_submodule(name), ours.get_submodule(name)) for name in names}
+    for p, u in layers.values():
+        assert p.scaling["default"] == u.scale == alpha / r
+        assert (p.randlora_lambda["default"] == 0).all() and (u.lam == 0).all()
+        assert torch.equal(p.randlora_gamma["default"].float(), u.gam.float())    # 1/k (PEFT's, via float32)
+    hf.double()
+    g = torch.Generator().manual_seed(1)
+    A_hf, B_hf = hf.randlora_A["default"], hf.randlora_B["default"]          # (r, 1, k_max), (D_max, n_max, r)
+    R.adapter_config(ours)                                                    # (patched: bases exist)
+    with torch.no_grad():
+        shared_A = next(m for m in ours.modules() if isinstance(m, R.SharedBases)).A   # (r, k_max)
+        shared_A.copy_(A_hf[:, 0, : shared_A.shape[1]])
+        for p, u in layers.values():
+            u.views(remake=True)
+            n, k, D = u.n, u.k, u.D
+            perm = [i * n + b for b in range(n) for i in range(r)]           # our column b r + i is PEFT's i n + b
+            u.Bcat = B_hf[:D, :n].reshape(D, n * r)[:, perm]                 # (D, m)
+            lam, gam = torch.randn(r, n, generator=g, dtype=torch.float64), torch.rand(n, k, generator=g) + 0.5
+            p.randlora_lambda["default"].copy_(lam)                           # (r, n)
+            p.randlora_gamma["default"].copy_(gam)                            # (n, k)
+            u.lam.copy_(lam.T)
+            u.gam.copy_(gam)
+    for p, u in layers.values():
+        torch.testing.assert_close(u.delta_weight(), p.get_delta_weight("default"), rtol=1e-13, atol=1e-13)
+    x = torch.randn(6, 7, generator=g, dtype=torch.float64)
+    for path in ("materialised", "factored"):
+        for _, u in layers.values():
+            u.path = path
+        hf.zero_grad()
+        ours.zero_grad()
+        y_ours, y_hf = ours(x), hf(x)
+        torch.testing.assert_close(y_ours, y_hf, rtol=1e-13, atol=1e-13)
+        (y_ours ** 2).sum().backward()
+        (y_hf ** 2).sum().backward()
+        for p, u in layers.values():
+            torch.testing.assert_close(u.lam.grad, p.randlora_lambda["default"].grad.T, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(u.gam.grad, p.randlora_gamma["default"].grad, rtol=1e-12, atol=1e-12)
