@@ -131,6 +131,42 @@ def test_scale_and_initial_gam_of_each_convention_against_literal_eq4(i, o, r, a
     assert lora[0].scale == alpha / r                                              # LoRA keeps alpha / r
 
 
+def adam_deltas(base, x, y, scaling, lr_lam, lr_gam, steps):
+    """DeltaW after each of `steps` full-batch Adam steps (eps negligible: it is not scale-free)."""
+    model = copy.deepcopy(base)
+    R.add_randlora(model, ["0"], 3, 6.0, scaling=scaling)
+    u = model[0]
+    opt = torch.optim.Adam([{"params": [u.lam], "lr": lr_lam}, {"params": [u.gam], "lr": lr_gam}], eps=1e-30)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).sum(-1).mean().backward()
+        opt.step()
+        out.append(u.delta_weight().detach().clone())
+    return out
+
+
+def test_learning_rates_translate_between_the_conventions_under_adam():
+    """lam starts at 0, so Adam's first step (lr sign(g) per entry) moves DeltaW by s gam0 lr: equal under both
+    conventions when lr_peft = lr_paper k / (sqrt(n) D), sqrt(n) D / k times larger under "peft" at one lr. After
+    it gam moves by lr too, relative to gam0: the whole trajectory is equal only with lam's lr times
+    k / (sqrt(n) D) and gam's times D / k (peft_lam = paper_lam k / (sqrt(n) D), peft_gam = paper_gam D / k)."""
+    i, o, k, D, n = 12, 20, 12, 20, 4                                      # r = 3
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(i, o)).double()
+    x = torch.randn(32, i, dtype=torch.float64)
+    y = base(x).detach() + x @ torch.randn(i, o, dtype=torch.float64) / i
+    lr, f = 1e-2, k / (math.sqrt(n) * D)
+    paper = adam_deltas(base, x, y, "paper", lr, lr, 10)
+    same_lr = adam_deltas(base, x, y, "peft", lr, lr, 1)
+    torch.testing.assert_close(same_lr[0], paper[0] * math.sqrt(n) * D / k, rtol=1e-12, atol=0)
+    one_lr = adam_deltas(base, x, y, "peft", lr * f, lr * f, 1)
+    torch.testing.assert_close(one_lr[0], paper[0], rtol=1e-12, atol=0)
+    two_lrs = adam_deltas(base, x, y, "peft", lr * f, lr * D / k, 10)
+    for step in range(10):
+        torch.testing.assert_close(two_lrs[step], paper[step], rtol=1e-9, atol=0)
+
+
 def test_initial_gam_makes_stacked_update_rank_r():
     """At init every gam_b = 1/D, so sum_b B_b diag(lam_b) A diag(gam_b) = (sum_b ..) A / D has
     rank <= r however lam is set: training must separate the gam_b to reach full rank."""
