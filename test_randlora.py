@@ -715,8 +715,9 @@ def test_merge_refuses_to_write_non_finite_weights():
 
 
 @functools.lru_cache(maxsize=None)
+@functools.cache
 def _quick():
-    """One run of the demo's real code path in --quick mode, shared by the tests below."""
+    """One run of the demo's real code path in --quick mode, shared by the tests below (read-only)."""
     return demo_toy.run(quick=True, seed=0)
 
 
@@ -724,9 +725,10 @@ def _by_budget(results, method):
     return {x["budget"]: x for x in results["runs"] if x["method"] == method}
 
 
-def test_randlora_goes_below_lora_floor_at_equal_parameters():
+@pytest.mark.parametrize("method", ["randlora", "randlora-peft"])             # the two scaling conventions
+def test_randlora_goes_below_lora_floor_at_equal_parameters(method):
     res = _quick()
-    lora, rand = _by_budget(res, "lora"), _by_budget(res, "randlora")
+    lora, rand = _by_budget(res, "lora"), _by_budget(res, method)
     assert set(lora) == set(rand) and len(lora) >= 3
     base = demo_toy.make_problem(0, 0.0)[0]
     for b in lora:
@@ -769,37 +771,57 @@ def test_eckart_young_floor_matches_truncated_svd():
         assert x["floor"] == pytest.approx(err, rel=1e-6)
 
 
+def test_each_scaling_convention_trains_at_the_lr_its_train_loss_chose():
+    s = _quick()["settings"]
+    for method in ("randlora", "randlora-peft"):
+        tried = s["tried"][method]
+        assert sorted(tried) == pytest.approx(sorted(s["lr"] * f for f in demo_toy.LR_GRID))
+        assert s["chosen"][method] == min(tried, key=tried.get)
+        for x in _by_budget(_quick(), method).values():
+            assert x["lr"] == s["chosen"][method]
+            if x["budget"] == s["pick"]:
+                assert x["train"] == tried[x["lr"]]                # the grid's run, kept
+    assert {x["lr"] for x in _quick()["runs"] if x["method"] in ("lora", "full")} == {s["lr"]}
+
+
 def test_verdict_is_derived_from_the_numbers():
     res = _quick()
-    lora, rand = _by_budget(res, "lora"), _by_budget(res, "randlora")
+    lora, rand, peft = (_by_budget(res, m) for m in ("lora", "randlora", "randlora-peft"))
     top = max(lora)
     text = res["verdict"]
-    assert f"{len(lora)} of {len(lora)}" in text
+    assert f"{len(lora)} of {len(lora)} equal-parameter budgets with the paper's scaling and {len(lora)} of" in text
     assert f"{rand[top]['error']:.4f}" in text and f"{lora[top]['floor']:.4f}" in text
+    lower = sum(peft[b]["error"] < rand[b]["error"] for b in lora)
+    assert f"PEFT's scaling ended lower than the paper's at {lower} of {len(lora)} budgets" in text
     worse = copy.deepcopy(res)                                     # make RandLoRA lose at one budget
     for x in worse["runs"]:
         if x["method"] == "randlora" and x["budget"] == min(lora):
             x["error"] = 2.0
     changed = demo_toy.verdict(worse)
     assert changed != text and f"{len(lora) - 1} of {len(lora)}" in changed
+    low = min(lora)                                                # now PEFT's is lower there, by most
+    assert f"lower than the paper's at {lower + (peft[low]['error'] >= rand[low]['error'])} of" in changed
+    assert f"the widest gap {peft[low]['error'] - 2.0:+.4f} at LoRA rank {low}" in changed
 
 
 def test_cli_prints_table_verdict_and_is_reproducible(capsys):
     assert demo_toy.main(["--quick", "--steps", "20", "--seed", "3"]) == 0
     first = capsys.readouterr()
-    assert "Verdict:" in first.out and "randlora" in first.out and "7/7]" in first.err
+    assert "Verdict:" in first.out and "randlora-peft" in first.out and "14/14]" in first.err
     demo_toy.main(["--quick", "--steps", "20", "--seed", "3"])
     assert capsys.readouterr().out == first.out
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys, tmp_path):
+    """Asked for a figure it cannot draw, the demo fails at once (non-zero, before training) and says why."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # `import matplotlib` now fails
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     out = tmp_path / "toy.png"
-    assert demo_toy.main(["--quick", "--steps", "5", "--plot", str(out)]) == 0
+    with pytest.raises(SystemExit) as e:
+        demo_toy.main(["--quick", "--steps", "5", "--plot", str(out)])
     captured = capsys.readouterr()
-    assert "pip install matplotlib" in captured.err and "Verdict:" in captured.out
-    assert not out.exists()
+    assert e.value.code != 0 and "pip install matplotlib" in captured.err and "Verdict:" not in captured.out
+    assert "[ 1/" not in captured.err and not out.exists()
 
 
 def test_plot_writes_a_figure(tmp_path):
