@@ -1037,6 +1037,17 @@ def test_adapted_layers_changed(world):
             assert row["changes"] == {}
 
 
+def test_demo_vit_trains_randlora_with_the_scaling_it_is_given(world, capsys):
+    """--scaling reaches add_randlora (PEFT's by default, at its alpha = 20r) and the adapter file."""
+    assert world.args.scaling == "peft" and demo_vit.parse_args(argv(world, "--scaling", "paper")).scaling == "paper"
+    r = next(row["r"] for row in world.rows if row["method"] == "randlora")
+    config = torch.load(world.root / "adapter.randlora.pt", weights_only=True)["config"]
+    assert config["scaling"] == "peft" and config["alpha"] == demo_vit.PEFT_ALPHA_PER_RANK * r
+    with pytest.raises(SystemExit):
+        demo_vit.parse_args(argv(world, "--scaling", "hf"))
+    assert "invalid choice: 'hf'" in capsys.readouterr().err
+
+
 def test_checkpoint_reloads_to_the_same_accuracy(world):
     classes = demo_vit.load_cifar(world.data, "cifar10", download=False).classes
     for row in world.rows:
