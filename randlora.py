@@ -22,8 +22,8 @@ A_full (r, k_max) and B_full (n_max, D_max, r) are drawn once per model; layers 
 "paper" divides alpha / r by sqrt(n), as a sum of n independent random rank-r terms grows like
 sqrt(n); the paper's alpha = 2r gives s = 2 / sqrt(n). The first author has since called that an
 older strategy, abandoned for scaling the bases, and the Hugging Face code the most up to date,
-with s "somewhere between 2r and 20r" [5]. Under Adam the first steps move DeltaW by about
-s gam0 lr, which is sqrt(n) D / k times larger under "peft" at the same alpha and lr.
+with alpha in s = alpha / r "somewhere between 2r and 20r" [5]. Adam's first step moves DeltaW
+by s gam0 lr (times a sum of bases): sqrt(n) D / k times more under "peft" at equal alpha and lr.
 
 Why the update is full rank: U = s Bcat LQ, LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)]
 (m, k). With m >= k, random bases and generic lam, gam (distinct across b) both factors have
@@ -337,7 +337,7 @@ def _as_names(value, what: str) -> tuple:
         raise TypeError(f"{what} must be a string or a list of non-empty strings, got {value!r}")
     return value
 
-def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
+def _check_hparams(r, alpha, dropout, seed, basis="uniform", scaling="paper"):
     real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if type(r) is not int or type(seed) is not int:
         raise TypeError(f"r and seed must be ints, got r={r!r}, seed={seed!r}")
@@ -345,7 +345,9 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
                         (-2**63 <= seed < 2**64, "seed must lie in [-2**63, 2**64)"),
                         (real(alpha) and alpha != 0, f"alpha must be a finite non-zero number, got {alpha!r}"),
                         (real(dropout) and 0 <= dropout < 1, f"dropout must be a number in [0, 1), got {dropout!r}"),
-                        (basis in BASES, f"unknown basis {basis!r}; choose one of {BASES}")):
+                        (basis in BASES, f"unknown basis {basis!r}; choose one of {BASES}"),
+                        (scaling in SCALINGS, f"unknown scaling {scaling!r}; choose 'paper' (s = alpha / (r sqrt(n)), "
+                                              "gam from 1/D) or 'peft' (s = alpha / r, gam from 1/k, PEFT's)")):
         if not ok:
             raise ValueError(message)
 
@@ -408,7 +410,7 @@ def _patch(model, c: AdapterConfig) -> list:
     """Validate everything, then freeze the model and install an adapter on every target."""
     c = replace(c, **{f: _as_names(getattr(c, f), f) for f in ("target_modules", "target_parameters", "trainable")})
     rand = c.method == "randlora"
-    _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if rand else "uniform")
+    _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if rand else "uniform", c.scaling)
     targets = _find_targets(model, c.target_modules, c.target_parameters)
     extra = _extra_trainables(model, c.trainable, targets)
     for name, _, _, w in targets:
@@ -450,9 +452,6 @@ def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", 
     becomes a RandLoRALinear, each 2-D Parameter in `target_parameters` gets a RandLoRA parametrization; all else
     is frozen but the `trainable` modules (a head). `scaling` picks s and gam0 (the docstring's "paper" or
     "peft"). Returns the adapted names; bad input changes nothing."""
-    if scaling not in SCALINGS:
-        raise ValueError(f"unknown scaling {scaling!r}; choose 'paper' (s = alpha / (r sqrt(n)), gam from 1/D) "
-                         "or 'peft' (s = alpha / r, gam from 1/k, Hugging Face PEFT's)")
     c = AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable,
                       scaling)
     return _patch(model, c)

@@ -596,6 +596,12 @@ def test_an_adapter_file_records_its_scaling_and_loads_with_it(tmp_path):
     with pytest.raises(ValueError, match="checkpoint scaling differs from the model's scaling='paper'"):
         R.load_adapter(paper, tmp_path / "a.pt")
     assert_unchanged(paper, before)
+    state = torch.load(tmp_path / "a.pt", weights_only=True)
+    torch.save({**state, "config": {**state["config"], "scaling": "hf"}}, tmp_path / "bad.pt")
+    plain = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="unknown scaling 'hf'"):
+        R.load_adapter(plain, tmp_path / "bad.pt")
+    assert not R.adapters(plain) and all(p.requires_grad for p in plain.parameters())
 
 
 def test_lora_checkpoint_round_trip():
