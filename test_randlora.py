@@ -1162,17 +1162,20 @@ def test_table_gives_train_time_as_a_ratio_to_full_fine_tuning(world):
     assert ratios(rows[:3]) == {"none": "-", "lora": "n/a", "randlora": "n/a"}
 
 
-def test_lora_and_randlora_get_the_papers_alpha_2r_and_lr(world, monkeypatch):
+def test_lora_gets_the_papers_alpha_2r_and_randlora_its_conventions_alpha(world, monkeypatch):
+    """LoRA: alpha = 2r and lr 1e-3, the paper's; RandLoRA: 20r under PEFT's convention (the default), 2r under
+    the paper's."""
     calls = []
     for name in ("add_lora", "add_randlora"):
         def spy(*a, _real=getattr(R, name), _name=name, **k):
-            calls.append((_name, k["r"], k["alpha"]))
+            calls.append((_name, k.get("scaling"), k["alpha"] / k["r"]))
             return _real(*a, **k)
         monkeypatch.setattr(R, name, spy)
     base = demo_vit.make_classifier(demo_vit.load_backbone(world.args), world.args, [f"c{i}" for i in range(10)])
-    for method in ("lora", "randlora"):
-        demo_vit.adapt(copy.deepcopy(base), method, world.args)
-    assert [(name, alpha / r) for name, r, alpha in calls] == [("add_lora", 2.0), ("add_randlora", 2.0)]
+    paper = demo_vit.parse_args(argv(world, "--scaling", "paper"))
+    for method, args in (("lora", world.args), ("randlora", world.args), ("randlora", paper)):
+        demo_vit.adapt(copy.deepcopy(base), method, args)
+    assert calls == [("add_lora", None, 2.0), ("add_randlora", "peft", 20.0), ("add_randlora", "paper", 2.0)]
     assert demo_vit.parse_args(["--device", "cpu"]).lr == 1e-3           # [1, app. C]
 
 
