@@ -29,7 +29,7 @@ Scales. LoRA gets alpha = 2 r and Adam at `--lr` 1e-3, the paper's settings on C
 RandLoRA, at the same lr, gets `--scaling peft` by default: alpha = 20 r, s = alpha / r, gam from 1/k
 (Hugging Face PEFT's defaults, which the first author calls the most up to date); `--scaling paper`
 gives the paper's alpha = 2 r, s = alpha / (r sqrt(n)), gam from 1/D, whose first Adam steps move
-DeltaW about 100 times less than LoRA's at this lr on ViT-S's shapes (the README's measurements).
+DeltaW 35 to 150 times less than LoRA's at this lr on ViT-S's shapes (the README's measurements).
 `--full-lr` 1e-5 and `--head-lr` 1e-3 were chosen here, not tuned: full
 fine-tuning moves every pretrained weight and takes a much smaller step than the adapters, and
 DINOv2's head is a fresh linear layer trained at the adapters' rate.
