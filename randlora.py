@@ -13,13 +13,17 @@ Symbols and shapes (the letters of every shape comment below):
     r          rank of each random basis;  n = ceil(k / r) bases;  m = n * r >= k
     A          (r, k)       = A_full[:, :k]        one A shared by all n bases of a layer
     B          (n, D, r)    = B_full[:n, :D, :]    B_b = B[b];  Bcat = [B_1 .. B_n]  (D, m)
-    lam, gam   (n, r), (n, k)   trainable, init 0 and 1/D: the diagonals of Lambda_b, Gamma_b
-    s          alpha / (r * sqrt(n))
+    lam, gam   (n, r), (n, k)   trainable, init 0 and gam0: the diagonals of Lambda_b, Gamma_b
+    s, gam0    by the convention `scaling` names (lam = 0 makes the patched model the base model):
+                 "paper" (default)  s = alpha / (r sqrt(n)),  gam0 = 1/D   [1, app. C.4, and the authors' code]
+                 "peft"             s = alpha / r,            gam0 = 1/k   [4]; its default alpha = 20r: s = 20
 A_full (r, k_max) and B_full (n_max, D_max, r) are drawn once per model; layers read views.
 
-The scale and init are the authors' [1, app. C.4, and their code]: alpha / r is divided by
-sqrt(n), as a sum of n independent random rank-r terms grows like sqrt(n); lam = 0 makes the
-patched model equal the base model. The paper's alpha = 2r gives s = 2 / sqrt(n).
+"paper" divides alpha / r by sqrt(n), as a sum of n independent random rank-r terms grows like
+sqrt(n); the paper's alpha = 2r gives s = 2 / sqrt(n). The first author has since called that an
+older strategy, abandoned for scaling the bases, and the Hugging Face code the most up to date,
+with alpha in s = alpha / r "somewhere between 2r and 20r" [5]. Adam's first step moves DeltaW
+by s gam0 lr (times a sum of bases): sqrt(n) D / k times more under "peft" at equal alpha and lr.
 
 Why the update is full rank: U = s Bcat LQ, LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)]
 (m, k). With m >= k, random bases and generic lam, gam (distinct across b) both factors have
@@ -52,6 +56,9 @@ References
         ICLR 2025, arXiv 2502.00987 (sec. 4: eqs. 4 and 8; sec. 6.4; app. C.4-C.6).
     [2] Li, Hastie, Church, Very sparse random projections, KDD 2006 (ternary bases).
     [3] Hu et al., LoRA: Low-rank adaptation of large language models, ICLR 2022.
+    [4] Hugging Face PEFT 0.21, src/peft/tuners/randlora (layer.py: scaling = randlora_alpha / r, gamma from
+        1 / max(gamma.shape); config.py: randlora_alpha = 640 for r = 32).
+    [5] P. Albert, "Questions about scaling", github.com/PaulAlbert31/RandLoRA/issues/1, July 2025.
 """
 import contextlib
 import functools
@@ -71,12 +78,13 @@ __all__ = [
     "AdapterConfig", "make_bases", "SharedBases", "RandLoRAFunction", "RandLoRA", "LoRA", "RandLoRALinear",
     "LoRALinear", "add_randlora", "add_lora", "adapters", "adapter_config", "rank_for_budget",
     "trainable_parameters", "merge", "unmerge", "unload", "disable_adapters", "adapter_state_dict",
-    "load_adapter_state_dict", "save_adapter", "load_adapter", "FORMAT_VERSION", "BASES", "PATHS",
+    "load_adapter_state_dict", "save_adapter", "load_adapter", "FORMAT_VERSION", "BASES", "PATHS", "SCALINGS",
 ]
 
 FORMAT_VERSION = 3          # 3: safetensors files; 2: torch.save, s = alpha / (r sqrt(n)), gam 1/D; 1: alpha / r, 1/k
 BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
 PATHS = ("auto", "materialised", "factored")
+SCALINGS = ("paper", "peft")
 
 # ---- Configuration ---------------------------------------------------------------------
 
@@ -86,13 +94,14 @@ class AdapterConfig:
 
     method: str                          # "randlora" or "lora"
     r: int                               # rank of each random basis (RandLoRA) / of the update (LoRA)
-    alpha: float                         # s = alpha / (r sqrt(n)) (RandLoRA), alpha / r (LoRA)
+    alpha: float                         # RandLoRA: s = alpha / (r sqrt(n)) or alpha / r (by scaling); LoRA: alpha / r
     basis: str = "uniform"               # distribution of the frozen bases (RandLoRA only)
     seed: int = 0                        # seeds the bases (RandLoRA) or LoRA's A
     dropout: float = 0.0                 # dropout on the adapter branch's input while training
     target_modules: tuple = ()           # qualified names (or dotted suffixes) of nn.Linear / Conv1D
     target_parameters: tuple = ()        # qualified names (or suffixes) of raw 2-D weight Parameters
     trainable: tuple = ()                # modules left trainable and saved with the adapter (a head)
+    scaling: str = "paper"               # RandLoRA's s and gam0: "paper" or "peft" (the docstring); not LoRA's
 
 # ---- Frozen random bases ---------------------------------------------------------------
 
@@ -363,16 +372,21 @@ def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
 class RandLoRA(_Update):
     """The update of one frozen weight (lam, gam, views of the bases); alone, a parametrization W -> W + DeltaW."""
 
-    def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False):
+    def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False, scaling="paper"):
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
         k, D, tr = min(in_f, out_f), max(in_f, out_f), in_f > out_f
         n, m = math.ceil(k / r), math.ceil(k / r) * r
-        kw = dict(device=weight.device, dtype=_wide(weight.dtype))    # float32 masters for bf16/fp16
-        gam0 = 1 / D
+        if scaling == "paper":
+            s, gam0 = alpha / (r * math.sqrt(n)), 1 / D                # [1, app. C.4]
+        else:
+            s, gam0 = alpha / r, 1 / k                                  # Hugging Face PEFT's [4]
+        kw = dict(device=weight.device, dtype=_wide(weight.dtype))     # float32 masters for bf16/fp16
         super().__init__(fan_in_fan_out, lam=torch.zeros(n, r, **kw),  # (n, r)
-                         gam=torch.full((n, k), gam0, **kw))      # (n, k)
+                         gam=torch.full((n, k), gam0, **kw))           # (n, k)
         self.k, self.D, self.r, self.n, self.transposed = k, D, r, n, tr
-        self.scale = alpha / (r * math.sqrt(n))
+        self.scale = s
         self.gam0 = gam0
         self.threshold_inference = math.ceil(D * k * m / (D * m + k * m))          # see the docstring
         self.threshold_training = math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m))
@@ -453,8 +467,8 @@ class LoRA(_Update):
 class RandLoRALinear(RandLoRA):
     """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the docstring's rule), or one forced."""
 
-    def __init__(self, base: nn.Module, bases: SharedBases, r, alpha, dropout=0.0):
-        super().__init__(base.weight, bases, r, alpha, fan_in_fan_out=type(base).__name__ == "Conv1D")
+    def __init__(self, base: nn.Module, bases: SharedBases, r, alpha, dropout=0.0, scaling="paper"):
+        super().__init__(base.weight, bases, r, alpha, type(base).__name__ == "Conv1D", scaling)
         self._adopt(base, dropout)
         self.path = "auto"
 
@@ -525,7 +539,7 @@ def _is_real(v) -> bool:
 _MAX_ALPHA = 1e6                                 # |alpha| above this overflows float32 updates at init
 
 
-def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
+def _check_hparams(r, alpha, dropout, seed, basis="uniform", scaling="paper"):
     if type(r) is not int or type(seed) is not int:
         raise TypeError(f"r and seed must be ints, got r={r!r}, seed={seed!r}")
     if r < 1:
@@ -538,6 +552,10 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform"):
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if basis not in BASES:
         raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; choose 'paper' (s = alpha / (r sqrt(n)), gam from 1/D) "
+                         "or 'peft' (s = alpha / r, gam from 1/k, PEFT's)")
+
 
 def _offloads(hook) -> bool:
     """Whether an accelerate hook (or a SequentialHook of them) swaps the module's tensors in per call."""
@@ -612,7 +630,7 @@ def _patch(model, c: AdapterConfig) -> list:
     names = {f: _as_names(getattr(c, f), f) for f in ("target_modules", "target_parameters", "trainable")}
     c = replace(c, **names)
     rand = c.method == "randlora"
-    _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if rand else "uniform")
+    _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if rand else "uniform", c.scaling)
     targets = _find_targets(model, c.target_modules, c.target_parameters)
     extra = _extra_trainables(model, c.trainable, targets)
     for name, _, _, w in targets:
@@ -641,13 +659,16 @@ def _patch(model, c: AdapterConfig) -> list:
     for i, (name, kind, mod, w) in enumerate(targets):
         if kind == "module":
             if rand:
-                layer = RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout)
+                layer = RandLoRALinear(mod, shared, c.r, c.alpha, c.dropout, c.scaling)
             else:
                 layer = LoRALinear(mod, c.r, c.alpha, gen, c.dropout)
             _replace(model, mod, layer)
         else:
             pname = name.rpartition(".")[2]
-            layer = RandLoRA(w, shared, c.r, c.alpha) if rand else LoRA(w, c.r, c.alpha, gen)
+            if rand:
+                layer = RandLoRA(w, shared, c.r, c.alpha, scaling=c.scaling)
+            else:
+                layer = LoRA(w, c.r, c.alpha, gen)
             parametrize.register_parametrization(mod, pname, layer)
             mod.parametrizations.train(mod.training)                    # new modules take their owner's mode
             object.__setattr__(layer, "_owner", (mod, pname))
@@ -658,11 +679,13 @@ def _patch(model, c: AdapterConfig) -> list:
 
 
 def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0, target_parameters=(),
-                 trainable=()) -> list:
+                 trainable=(), scaling="paper") -> list:
     """Patch `model` in place: each nn.Linear / Conv1D named (exactly or by dotted suffix) in `target_modules`
     becomes a RandLoRALinear, each 2-D Parameter in `target_parameters` gets a RandLoRA parametrization; all else
-    is frozen but the `trainable` modules (a head). Returns the adapted names; bad input changes nothing."""
-    c = AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable)
+    is frozen but the `trainable` modules (a head). `scaling` picks s and gam0 (the docstring's "paper" or
+    "peft"). Returns the adapted names; bad input changes nothing."""
+    c = AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable,
+                      scaling)
     return _patch(model, c)
 
 def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=(), trainable=()) -> list:
@@ -934,9 +957,12 @@ def _checked(model, state) -> dict:
         raise ValueError(f"not an adapter checkpoint of format 2 or {FORMAT_VERSION}, the dict adapter_state_dict() "
                          "writes (format 1 had s = alpha / r and gam from 1/k, these alpha / (r sqrt(n)) and 1/D)")
     saved, tensors = state["config"], state["tensors"]
+    if version == 2 and isinstance(saved, dict):                       # format 2 had the paper's scaling only
+        saved = {"scaling": "paper", **saved}
     if not _is_plain(saved) or not isinstance(tensors, dict):
         raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
-    differ = [k for k in ("method", "r", "alpha", "basis", "seed") if saved.get(k) != want["config"][k]]
+    keys = ("method", "r", "alpha", "basis", "seed", "scaling")
+    differ = [k for k in keys if saved.get(k) != want["config"][k]]
     if differ:
         raise ValueError(f"checkpoint {differ[0]} differs from the model's {differ[0]}={want['config'][differ[0]]!r}; "
                          "patch a fresh model with the checkpoint's config")

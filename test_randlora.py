@@ -114,38 +114,83 @@ def test_update_is_full_rank_while_lora_is_rank_r(i, o, r, seed, basis):
 
 
 @FAST
-@given(i=dims, o=dims, r=st.integers(1, 9), seed=st.integers(0, 2**16))
-def test_vectorised_delta_equals_literal_sum_of_eq4(i, o, r, seed):
+@given(i=dims, o=dims, r=st.integers(1, 9), seed=st.integers(0, 2**16), scaling=st.sampled_from(R.SCALINGS))
+def test_vectorised_delta_equals_literal_sum_of_eq4(i, o, r, seed, scaling):
     r = min(r, i, o)
     model = mlp(i, o, i)                                                     # both orientations
-    R.add_randlora(model, ["0", "2"], r, 3.0, seed=seed)
+    R.add_randlora(model, ["0", "2"], r, 3.0, seed=seed, scaling=scaling)
     randomise(model, seed)
     for u, w in R.adapters(model).values():
         assert u.n == math.ceil(min(w.shape) / r) and u.delta_weight().shape == w.shape
         torch.testing.assert_close(u.delta_weight(), oracle_delta(u), rtol=1e-12, atol=1e-12)
 
 
+CONSTANTS = {                                                                # (s, gam0) of each convention
+    "paper": lambda alpha, r, n, k, D: (alpha / (r * math.sqrt(n)), 1 / D),     # the paper's app. C.4, its code
+    "peft": lambda alpha, r, n, k, D: (alpha / r, 1 / k),                       # Hugging Face PEFT 0.21
+}
+
+
 @FAST
-@given(i=dims, o=dims, r=st.integers(1, 9), alpha=st.floats(0.1, 64.0), seed=st.integers(0, 2**16))
-def test_scale_is_alpha_over_r_sqrt_n_and_init_is_lam_zero_gam_one_over_D(i, o, r, alpha, seed):
-    """The authors' constants: s = alpha / (r sqrt(n)) times eq. 4's literal sum (over bases drawn
-    here from make_bases, not read from the layer), lam = 0 and gam = 1/D at init."""
+@given(i=dims, o=dims, r=st.integers(1, 9), alpha=st.floats(0.1, 64.0), seed=st.integers(0, 2**16),
+       scaling=st.sampled_from(R.SCALINGS))
+def test_scale_and_initial_gam_of_each_convention_against_literal_eq4(i, o, r, alpha, seed, scaling):
+    """Each convention's constants: s times eq. 4's literal sum (over bases drawn here from make_bases,
+    not read from the layer), lam = 0 and gam = gam0 at init; "paper" (the default): s = alpha / (r sqrt(n)),
+    gam0 = 1/D; "peft": s = alpha / r, gam0 = 1/k."""
     r = min(r, i, o)
     k, D, n = min(i, o), max(i, o), math.ceil(min(i, o) / r)
+    s, gam0 = CONSTANTS[scaling](alpha, r, n, k, D)
     model = nn.Sequential(nn.Linear(i, o)).double()
-    R.add_randlora(model, ["0"], r, alpha, seed=seed)
+    R.add_randlora(model, ["0"], r, alpha, seed=seed, **({} if scaling == "paper" else {"scaling": scaling}))
     u = model[0]
     assert u.lam.shape == (n, r) and (u.lam == 0).all()
-    assert u.gam.shape == (n, k) and (u.gam == 1 / D).all()
+    assert u.gam.shape == (n, k) and (u.gam == gam0).all()
     randomise(model, seed)
     A, B = (t.double() for t in R.make_bases(r, k, D, "uniform", seed))
     lam, gam = u.lam.detach(), u.gam.detach()
     U = sum(B[b] @ torch.diag(lam[b]) @ A @ torch.diag(gam[b]) for b in range(n))   # (D, k)
-    want = alpha / (r * math.sqrt(n)) * (U.T if i > o else U)                      # (out, in)
+    want = s * (U.T if i > o else U)                                               # (out, in)
     torch.testing.assert_close(u.delta_weight(), want, rtol=1e-12, atol=1e-12)
     lora = nn.Sequential(nn.Linear(i, o)).double()
     R.add_lora(lora, ["0"], r, alpha)
     assert lora[0].scale == alpha / r                                              # LoRA keeps alpha / r
+
+
+def adam_deltas(base, x, y, scaling, lr_lam, lr_gam, steps):
+    """DeltaW after each of `steps` full-batch Adam steps (eps negligible: it is not scale-free)."""
+    model = copy.deepcopy(base)
+    R.add_randlora(model, ["0"], 3, 6.0, scaling=scaling)
+    u = model[0]
+    opt = torch.optim.Adam([{"params": [u.lam], "lr": lr_lam}, {"params": [u.gam], "lr": lr_gam}], eps=1e-30)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).sum(-1).mean().backward()
+        opt.step()
+        out.append(u.delta_weight().detach().clone())
+    return out
+
+
+def test_learning_rates_translate_between_the_conventions_under_adam():
+    """lam starts at 0, so Adam's first step (lr sign(g) per entry) moves DeltaW by s gam0 lr: equal under both
+    conventions when lr_peft = lr_paper k / (sqrt(n) D), sqrt(n) D / k times larger under "peft" at one lr. After
+    it gam moves by lr too, relative to gam0: the whole trajectory is equal only with lam's lr times
+    k / (sqrt(n) D) and gam's times D / k (peft_lam = paper_lam k / (sqrt(n) D), peft_gam = paper_gam D / k)."""
+    i, o, k, D, n = 12, 20, 12, 20, 4                                      # r = 3
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(i, o)).double()
+    x = torch.randn(32, i, dtype=torch.float64)
+    y = base(x).detach() + x @ torch.randn(i, o, dtype=torch.float64) / i
+    lr, f = 1e-2, k / (math.sqrt(n) * D)
+    paper = adam_deltas(base, x, y, "paper", lr, lr, 10)
+    same_lr = adam_deltas(base, x, y, "peft", lr, lr, 1)
+    torch.testing.assert_close(same_lr[0], paper[0] * math.sqrt(n) * D / k, rtol=1e-12, atol=0)
+    one_lr = adam_deltas(base, x, y, "peft", lr * f, lr * f, 1)
+    torch.testing.assert_close(one_lr[0], paper[0], rtol=1e-12, atol=0)
+    two_lrs = adam_deltas(base, x, y, "peft", lr * f, lr * D / k, 10)
+    for step in range(10):
+        torch.testing.assert_close(two_lrs[step], paper[step], rtol=1e-9, atol=0)
 
 
 def test_initial_gam_makes_stacked_update_rank_r():
@@ -557,6 +602,34 @@ def test_checkpoint_round_trip_in_a_fresh_model(tmp_path):
     assert torch.equal(fresh(x), model(x))
 
 
+def test_an_adapter_file_records_its_scaling_and_loads_with_it(tmp_path):
+    """A "peft" adapter file patches an unpatched model with "peft" (its s and outputs come back); a model
+    patched with "paper" refuses it, as its lam and gam would act sqrt(n) D / k times smaller there."""
+    base = mlp(8, 12, 8)
+    model = copy.deepcopy(base)
+    R.add_randlora(model, ["0", "2"], 2, 4.0, scaling="peft")
+    randomise(model)
+    R.save_adapter(model, tmp_path / "a.pt")
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["config"]["scaling"] == "peft"
+    fresh = copy.deepcopy(base)
+    R.load_adapter(fresh, tmp_path / "a.pt")                                  # patches from the file
+    assert R.adapter_config(fresh).scaling == "peft" and fresh[0].scale == model[0].scale == 2.0
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(fresh(x), model(x))
+    paper = copy.deepcopy(base)
+    R.add_randlora(paper, ["0", "2"], 2, 4.0)
+    before = snapshot(paper)
+    with pytest.raises(ValueError, match="checkpoint scaling differs from the model's scaling='paper'"):
+        R.load_adapter(paper, tmp_path / "a.pt")
+    assert_unchanged(paper, before)
+    state = torch.load(tmp_path / "a.pt", weights_only=True)
+    torch.save({**state, "config": {**state["config"], "scaling": "hf"}}, tmp_path / "bad.pt")
+    plain = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="unknown scaling 'hf'"):
+        R.load_adapter(plain, tmp_path / "bad.pt")
+    assert not R.adapters(plain) and all(p.requires_grad for p in plain.parameters())
+
+
 def test_lora_checkpoint_round_trip():
     model, fresh = mlp(8, 12, 8, torch.float32), mlp(8, 12, 8, torch.float32)
     for m in (model, fresh):
@@ -587,6 +660,7 @@ def assert_unchanged(model, before):
     (dict(target_modules=["0"], r=2, alpha=float("nan")), ValueError, "finite"),
     (dict(target_modules=["0"], r=2, alpha=float("inf")), ValueError, "finite"),
     (dict(target_modules=["0"], r=2, alpha=1.0, basis="gaussian"), ValueError, "unknown basis"),
+    (dict(target_modules=["0"], r=2, alpha=1.0, scaling="hf"), ValueError, "unknown scaling 'hf'; choose 'paper'"),
     (dict(target_modules=["0"], r=2, alpha=1.0, dropout=1.0), ValueError, "dropout"),
     (dict(target_modules=[3], r=2, alpha=1.0), TypeError, "target_modules"),
     (dict(target_modules=[], r=2, alpha=1.0), ValueError, "nothing to adapt"),
@@ -613,6 +687,7 @@ def test_patching_twice_is_refused():
 
 @pytest.mark.parametrize("change,words", [
     (dict(seed=1), "seed"), (dict(r=3), "r=3"), (dict(basis="normal"), "basis"),
+    (dict(scaling="peft"), "scaling='peft'"),
 ])
 def test_loading_a_mismatched_checkpoint_is_refused(change, words):
     cfg = dict(target_modules=["0", "2"], r=2, alpha=1.0, basis="uniform", seed=0)
@@ -672,8 +747,9 @@ def test_merge_refuses_to_write_non_finite_weights():
 
 
 @functools.lru_cache(maxsize=None)
+@functools.cache
 def _quick():
-    """One run of the demo's real code path in --quick mode, shared by the tests below."""
+    """One run of the demo's real code path in --quick mode, shared by the tests below (read-only)."""
     return demo_toy.run(quick=True, seed=0)
 
 
@@ -681,9 +757,10 @@ def _by_budget(results, method):
     return {x["budget"]: x for x in results["runs"] if x["method"] == method}
 
 
-def test_randlora_goes_below_lora_floor_at_equal_parameters():
+@pytest.mark.parametrize("method", ["randlora", "randlora-peft"])             # the two scaling conventions
+def test_randlora_goes_below_lora_floor_at_equal_parameters(method):
     res = _quick()
-    lora, rand = _by_budget(res, "lora"), _by_budget(res, "randlora")
+    lora, rand = _by_budget(res, "lora"), _by_budget(res, method)
     assert set(lora) == set(rand) and len(lora) >= 3
     base = demo_toy.make_problem(0, 0.0)[0]
     for b in lora:
@@ -726,37 +803,57 @@ def test_eckart_young_floor_matches_truncated_svd():
         assert x["floor"] == pytest.approx(err, rel=1e-6)
 
 
+def test_each_scaling_convention_trains_at_the_lr_its_train_loss_chose():
+    s = _quick()["settings"]
+    for method in ("randlora", "randlora-peft"):
+        tried = s["tried"][method]
+        assert sorted(tried) == pytest.approx(sorted(s["lr"] * f for f in demo_toy.LR_GRID))
+        assert s["chosen"][method] == min(tried, key=tried.get)
+        for x in _by_budget(_quick(), method).values():
+            assert x["lr"] == s["chosen"][method]
+            if x["budget"] == s["pick"]:
+                assert x["train"] == tried[x["lr"]]                # the grid's run, kept
+    assert {x["lr"] for x in _quick()["runs"] if x["method"] in ("lora", "full")} == {s["lr"]}
+
+
 def test_verdict_is_derived_from_the_numbers():
     res = _quick()
-    lora, rand = _by_budget(res, "lora"), _by_budget(res, "randlora")
+    lora, rand, peft = (_by_budget(res, m) for m in ("lora", "randlora", "randlora-peft"))
     top = max(lora)
     text = res["verdict"]
-    assert f"{len(lora)} of {len(lora)}" in text
+    assert f"{len(lora)} of {len(lora)} equal-parameter budgets with the paper's scaling and {len(lora)} of" in text
     assert f"{rand[top]['error']:.4f}" in text and f"{lora[top]['floor']:.4f}" in text
+    lower = sum(peft[b]["error"] < rand[b]["error"] for b in lora)
+    assert f"PEFT's scaling ended lower than the paper's at {lower} of {len(lora)} budgets" in text
     worse = copy.deepcopy(res)                                     # make RandLoRA lose at one budget
     for x in worse["runs"]:
         if x["method"] == "randlora" and x["budget"] == min(lora):
             x["error"] = 2.0
     changed = demo_toy.verdict(worse)
     assert changed != text and f"{len(lora) - 1} of {len(lora)}" in changed
+    low = min(lora)                                                # now PEFT's is lower there, by most
+    assert f"lower than the paper's at {lower + (peft[low]['error'] >= rand[low]['error'])} of" in changed
+    assert f"the widest gap {peft[low]['error'] - 2.0:+.4f} at LoRA rank {low}" in changed
 
 
 def test_cli_prints_table_verdict_and_is_reproducible(capsys):
     assert demo_toy.main(["--quick", "--steps", "20", "--seed", "3"]) == 0
     first = capsys.readouterr()
-    assert "Verdict:" in first.out and "randlora" in first.out and "7/7]" in first.err
+    assert "Verdict:" in first.out and "randlora-peft" in first.out and "14/14]" in first.err
     demo_toy.main(["--quick", "--steps", "20", "--seed", "3"])
     assert capsys.readouterr().out == first.out
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys, tmp_path):
+    """Asked for a figure it cannot draw, the demo fails at once (non-zero, before training) and says why."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # `import matplotlib` now fails
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     out = tmp_path / "toy.png"
-    assert demo_toy.main(["--quick", "--steps", "5", "--plot", str(out)]) == 0
+    with pytest.raises(SystemExit) as e:
+        demo_toy.main(["--quick", "--steps", "5", "--plot", str(out)])
     captured = capsys.readouterr()
-    assert "pip install matplotlib" in captured.err and "Verdict:" in captured.out
-    assert not out.exists()
+    assert e.value.code != 0 and "pip install matplotlib" in captured.err and "Verdict:" not in captured.out
+    assert "[ 1/" not in captured.err and not out.exists()
 
 
 def test_plot_writes_a_figure(tmp_path):
@@ -972,6 +1069,17 @@ def test_adapted_layers_changed(world):
             assert row["changes"] == {}
 
 
+def test_demo_vit_trains_randlora_with_the_scaling_it_is_given(world, capsys):
+    """--scaling reaches add_randlora (PEFT's by default, at its alpha = 20r) and the adapter file."""
+    assert world.args.scaling == "peft" and demo_vit.parse_args(argv(world, "--scaling", "paper")).scaling == "paper"
+    r = next(row["r"] for row in world.rows if row["method"] == "randlora")
+    config = torch.load(world.root / "adapter.randlora.pt", weights_only=True)["config"]
+    assert config["scaling"] == "peft" and config["alpha"] == demo_vit.PEFT_ALPHA_PER_RANK * r
+    with pytest.raises(SystemExit):
+        demo_vit.parse_args(argv(world, "--scaling", "hf"))
+    assert "invalid choice: 'hf'" in capsys.readouterr().err
+
+
 def test_checkpoint_reloads_to_the_same_accuracy(world):
     classes = demo_vit.load_cifar(world.data, "cifar10", download=False).classes
     for row in world.rows:
@@ -1099,17 +1207,20 @@ def test_table_gives_train_time_as_a_ratio_to_full_fine_tuning(world):
     assert ratios(rows[:3]) == {"none": "-", "lora": "n/a", "randlora": "n/a"}
 
 
-def test_lora_and_randlora_get_the_papers_alpha_2r_and_lr(world, monkeypatch):
+def test_lora_gets_the_papers_alpha_2r_and_randlora_its_conventions_alpha(world, monkeypatch):
+    """LoRA: alpha = 2r and lr 1e-3, the paper's; RandLoRA: 20r under PEFT's convention (the default), 2r under
+    the paper's."""
     calls = []
     for name in ("add_lora", "add_randlora"):
         def spy(*a, _real=getattr(R, name), _name=name, **k):
-            calls.append((_name, k["r"], k["alpha"]))
+            calls.append((_name, k.get("scaling"), k["alpha"] / k["r"]))
             return _real(*a, **k)
         monkeypatch.setattr(R, name, spy)
     base = demo_vit.make_classifier(demo_vit.load_backbone(world.args), world.args, [f"c{i}" for i in range(10)])
-    for method in ("lora", "randlora"):
-        demo_vit.adapt(copy.deepcopy(base), method, world.args)
-    assert [(name, alpha / r) for name, r, alpha in calls] == [("add_lora", 2.0), ("add_randlora", 2.0)]
+    paper = demo_vit.parse_args(argv(world, "--scaling", "paper"))
+    for method, args in (("lora", world.args), ("randlora", world.args), ("randlora", paper)):
+        demo_vit.adapt(copy.deepcopy(base), method, args)
+    assert calls == [("add_lora", None, 2.0), ("add_randlora", "peft", 20.0), ("add_randlora", "paper", 2.0)]
     assert demo_vit.parse_args(["--device", "cpu"]).lr == 1e-3           # [1, app. C]
 
 
@@ -3578,7 +3689,7 @@ def test_unload_gives_back_each_parameters_requires_grad():
 def test_the_module_documents_exactly_its_public_names():
     import pydoc
     defined = {n for n, v in vars(R).items() if not n.startswith("_") and getattr(v, "__module__", None) == R.__name__}
-    assert set(R.__all__) == defined | {"FORMAT_VERSION", "BASES", "PATHS"}
+    assert set(R.__all__) == defined | {"FORMAT_VERSION", "BASES", "PATHS", "SCALINGS"}
     for name in R.__all__:
         obj = getattr(R, name)
         if callable(obj):
@@ -3650,3 +3761,72 @@ def test_hooks_added_on_the_replaced_module_after_patching_survive_unload():
     R.unload(model)
     model(torch.randn(2, 8))
     assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------- parity with Hugging Face PEFT
+
+
+class ThreeLinears(nn.Module):
+    """in < out (7 -> 12), in > out (12 -> 5), and k = 5 or 7, neither divisible by r = 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.out = nn.Linear(7, 12), nn.Linear(12, 5), nn.Linear(5, 9)
+
+    def forward(self, x):                                                     # (T, 7) -> (T, 9)
+        return self.out(torch.tanh(self.down(torch.tanh(self.up(x)))))
+
+
+def test_peft_convention_equals_hugging_face_peft_randlora_in_float64():
+    """With the same bases, lam and gam, scaling="peft" gives PEFT's RandLoRA (0.21) DeltaW, outputs and
+    gradients. Read from peft/tuners/randlora: its layer multiplies column j of its flattened B (D, n r), basis
+    j // r at rank index j % r, with row j of its flattened lam * A * gam (n r, k), rank index j // n of basis
+    j % n; eq. 4's terms (b, i) in another order, which our Bcat takes through `perm`. Its A (r, 1, k_max) is
+    one A for all bases, as ours; its lam is (r, n), ours lam.T; it transposes for in > out as we do. It divides
+    its drawn bases by their empirical std (ours have unit variance by construction): other values, not another
+    formula, so once ours hold its values nothing else differs. Both start at lam = 0, gam = 1/k, s = alpha / r."""
+    peft = pytest.importorskip("peft")
+    names, r, alpha = ["up", "down", "out"], 3, 60.0                         # PEFT's default alpha = 20r
+    torch.manual_seed(0)
+    base = ThreeLinears().double()
+    ours = copy.deepcopy(base)
+    R.add_randlora(ours, names, r, alpha, scaling="peft")
+    config = peft.RandLoraConfig(r=r, randlora_alpha=alpha, target_modules=names)
+    hf = peft.get_peft_model(copy.deepcopy(base), config).base_model
+    layers = {name: (hf.model.get_submodule(name), ours.get_submodule(name)) for name in names}
+    for p, u in layers.values():
+        assert p.scaling["default"] == u.scale == alpha / r
+        assert (p.randlora_lambda["default"] == 0).all() and (u.lam == 0).all()
+        assert torch.equal(p.randlora_gamma["default"].float(), u.gam.float())    # 1/k (PEFT's, via float32)
+    hf.double()
+    g = torch.Generator().manual_seed(1)
+    A_hf, B_hf = hf.randlora_A["default"], hf.randlora_B["default"]          # (r, 1, k_max), (D_max, n_max, r)
+    R.adapter_config(ours)                                                    # (patched: bases exist)
+    with torch.no_grad():
+        shared_A = next(m for m in ours.modules() if isinstance(m, R.SharedBases)).A   # (r, k_max)
+        shared_A.copy_(A_hf[:, 0, : shared_A.shape[1]])
+        for p, u in layers.values():
+            u.views(remake=True)
+            n, k, D = u.n, u.k, u.D
+            perm = [i * n + b for b in range(n) for i in range(r)]           # our column b r + i is PEFT's i n + b
+            u.Bcat = B_hf[:D, :n].reshape(D, n * r)[:, perm]                 # (D, m)
+            lam, gam = torch.randn(r, n, generator=g, dtype=torch.float64), torch.rand(n, k, generator=g) + 0.5
+            p.randlora_lambda["default"].copy_(lam)                           # (r, n)
+            p.randlora_gamma["default"].copy_(gam)                            # (n, k)
+            u.lam.copy_(lam.T)
+            u.gam.copy_(gam)
+    for p, u in layers.values():
+        torch.testing.assert_close(u.delta_weight(), p.get_delta_weight("default"), rtol=1e-13, atol=1e-13)
+    x = torch.randn(6, 7, generator=g, dtype=torch.float64)
+    for path in ("materialised", "factored"):
+        for _, u in layers.values():
+            u.path = path
+        hf.zero_grad()
+        ours.zero_grad()
+        y_ours, y_hf = ours(x), hf(x)
+        torch.testing.assert_close(y_ours, y_hf, rtol=1e-13, atol=1e-13)
+        (y_ours ** 2).sum().backward()
+        (y_hf ** 2).sum().backward()
+        for p, u in layers.values():
+            torch.testing.assert_close(u.lam.grad, p.randlora_lambda["default"].grad.T, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(u.gam.grad, p.randlora_gamma["default"].grad, rtol=1e-12, atol=1e-12)
