@@ -610,7 +610,9 @@ def test_an_adapter_file_records_its_scaling_and_loads_with_it(tmp_path):
     R.add_randlora(model, ["0", "2"], 2, 4.0, scaling="peft")
     randomise(model)
     R.save_adapter(model, tmp_path / "a.pt")
-    assert torch.load(tmp_path / "a.pt", weights_only=True)["config"]["scaling"] == "peft"
+    from safetensors import safe_open
+    with safe_open(tmp_path / "a.pt", "pt") as f:
+        assert json.loads(f.metadata()["config"])["scaling"] == "peft"
     fresh = copy.deepcopy(base)
     R.load_adapter(fresh, tmp_path / "a.pt")                                  # patches from the file
     assert R.adapter_config(fresh).scaling == "peft" and fresh[0].scale == model[0].scale == 2.0
@@ -622,8 +624,8 @@ def test_an_adapter_file_records_its_scaling_and_loads_with_it(tmp_path):
     with pytest.raises(ValueError, match="checkpoint scaling differs from the model's scaling='paper'"):
         R.load_adapter(paper, tmp_path / "a.pt")
     assert_unchanged(paper, before)
-    state = torch.load(tmp_path / "a.pt", weights_only=True)
-    torch.save({**state, "config": {**state["config"], "scaling": "hf"}}, tmp_path / "bad.pt")
+    state = R.adapter_state_dict(model)
+    (tmp_path / "bad.pt").write_bytes(adapter_file({**state, "config": {**state["config"], "scaling": "hf"}}))
     plain = copy.deepcopy(base)
     with pytest.raises(ValueError, match="unknown scaling 'hf'"):
         R.load_adapter(plain, tmp_path / "bad.pt")
@@ -1073,7 +1075,9 @@ def test_demo_vit_trains_randlora_with_the_scaling_it_is_given(world, capsys):
     """--scaling reaches add_randlora (PEFT's by default, at its alpha = 20r) and the adapter file."""
     assert world.args.scaling == "peft" and demo_vit.parse_args(argv(world, "--scaling", "paper")).scaling == "paper"
     r = next(row["r"] for row in world.rows if row["method"] == "randlora")
-    config = torch.load(world.root / "adapter.randlora.pt", weights_only=True)["config"]
+    from safetensors import safe_open
+    with safe_open(world.root / "adapter.randlora.safetensors", "pt") as f:
+        config = json.loads(f.metadata()["config"])
     assert config["scaling"] == "peft" and config["alpha"] == demo_vit.PEFT_ALPHA_PER_RANK * r
     with pytest.raises(SystemExit):
         demo_vit.parse_args(argv(world, "--scaling", "hf"))
