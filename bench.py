@@ -63,6 +63,7 @@ and compiled RandLoRA <= 1.4x compiled full fine-tuning.
 
 [1] Albert et al., RandLoRA, ICLR 2025, arXiv 2502.00987 (sec. 6.4, 6.6 and app. C.6.1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,29 +87,31 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-SHAPES = {                                                 # d, d_ff, blocks, LoRA rank
-    "vit": dict(d=768, d_ff=3072, blocks=4, lora_rank=32),   # ViT-B/16
+SHAPES = {  # d, d_ff, blocks, LoRA rank
+    "vit": dict(d=768, d_ff=3072, blocks=4, lora_rank=32),  # ViT-B/16
     "llm": dict(d=2048, d_ff=5632, blocks=1, lora_rank=32),  # a 1B-class decoder's widths (e.g. TinyLlama)
-    "tiny": dict(d=32, d_ff=128, blocks=12, lora_rank=4),    # the overhead mode: per-op cost, not arithmetic
+    "tiny": dict(d=32, d_ff=128, blocks=12, lora_rank=4),  # the overhead mode: per-op cost, not arithmetic
 }
 TARGETS = ("qkv", "proj", "fc1", "fc2")
-METHODS = ("frozen", "lora", "randlora", "full")              # the default run
+METHODS = ("frozen", "lora", "randlora", "full")  # the default run
 ALL_METHODS = METHODS + ("randlora_vsparse",)
-AB_METHODS = ("lora", "randlora", "randlora_vsparse")         # those that --impl runs twice
+AB_METHODS = ("lora", "randlora", "randlora_vsparse")  # those that --impl runs twice
 LORA_RANK = 32
 TOKENS = (256, 1600, 6400)
 OVERHEAD_TOKENS = (64,)
-DEVICE_TOKENS = (6304,)                                       # 32 images of 197 ViT-B/16 tokens
+DEVICE_TOKENS = (6304,)  # 32 images of 197 ViT-B/16 tokens
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-STEP_TARGETS = {6400: 1.3, 1600: 1.9, 256: 2.5}   # RandLoRA step time / LoRA's, at most
-FULL_TARGET = (6400, 1.1)                          # RandLoRA / full fine-tuning at T, at most
-MERGED_TARGET = 1.03                               # merged inference / base model, at most
-OVERHEAD_TARGET = 1.3                              # RandLoRA / LoRA step time in the tiny shape, at most
-AB_TARGET = (TOKENS, 1.05)                         # current / previous step time at these T, at most
-DEVICE_TARGETS = {"eager step / LoRA": ("x_lora", 1.3),               # at DEVICE_TARGET_AT, at most
-                  "compiled step / full FT": ("compiled_x_full", 1.4)}
+STEP_TARGETS = {6400: 1.3, 1600: 1.9, 256: 2.5}  # RandLoRA step time / LoRA's, at most
+FULL_TARGET = (6400, 1.1)  # RandLoRA / full fine-tuning at T, at most
+MERGED_TARGET = 1.03  # merged inference / base model, at most
+OVERHEAD_TARGET = 1.3  # RandLoRA / LoRA step time in the tiny shape, at most
+AB_TARGET = (TOKENS, 1.05)  # current / previous step time at these T, at most
+DEVICE_TARGETS = {
+    "eager step / LoRA": ("x_lora", 1.3),  # at DEVICE_TARGET_AT, at most
+    "compiled step / full FT": ("compiled_x_full", 1.4),
+}
 DEVICE_TARGET_AT = dict(device="cuda", dtype="bf16", shape="vit", T=6304)
-PROFILED_STEPS = 3                                 # steps under torch.profiler, per method and mode
+PROFILED_STEPS = 3  # steps under torch.profiler, per method and mode
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,10 +124,10 @@ class Block(nn.Module):
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
 
-    def forward(self, x):                                              # (T, d)
-        q, k, v = self.qkv(x).chunk(3, dim=-1)                         # 3 x (T, d), views
-        x = x + self.proj(q + k + v)                                   # (T, d)
-        return x + self.fc2(self.fc1(x))                               # (T, d)
+    def forward(self, x):  # (T, d)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (T, d), views
+        x = x + self.proj(q + k + v)  # (T, d)
+        return x + self.fc2(self.fc1(x))  # (T, d)
 
 
 def make_model(shape="vit", blocks=None, seed=0) -> nn.Module:
@@ -138,6 +141,7 @@ def load_impl(path=None):
     """randlora itself, or (for A/B runs against a previous copy) the module in the file `path`."""
     if not path:
         import randlora
+
         return randlora
     name = "randlora_impl_" + os.path.splitext(os.path.basename(path))[0]
     if name in sys.modules:
@@ -146,7 +150,7 @@ def load_impl(path=None):
     if spec is None:
         raise ValueError(f"--impl {path!r} is not a Python file")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod                                            # dataclasses look it up
+    sys.modules[name] = mod  # dataclasses look it up
     spec.loader.exec_module(mod)
     return mod
 
@@ -158,8 +162,9 @@ def impl_file(spec: str, folder: str) -> str:
         return spec
     repo = os.path.dirname(os.path.abspath(__file__))
     try:
-        source = subprocess.run(["git", "-C", repo, "show", f"{spec}:randlora.py"], capture_output=True,
-                                check=True).stdout
+        source = subprocess.run(
+            ["git", "-C", repo, "show", f"{spec}:randlora.py"], capture_output=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         why = getattr(e, "stderr", b"").decode().strip() or str(e)
         raise ValueError(f"--impl {spec!r} is neither a file nor a git revision of {repo} ({why})") from None
@@ -173,7 +178,7 @@ def adamw(params):
     params = list(params)
     try:
         return torch.optim.AdamW(params, lr=1e-4, fused=True)
-    except (RuntimeError, TypeError, ValueError):                       # no fused kernel here
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel here
         return torch.optim.AdamW(params, lr=1e-4)
 
 
@@ -215,7 +220,7 @@ def saved_bytes(model, x) -> int:
     def pack(t):
         st = t.untyped_storage()
         if st.data_ptr() not in owned:
-            seen[st.data_ptr()] = st.nbytes()                           # all alive until backward
+            seen[st.data_ptr()] = st.nbytes()  # all alive until backward
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -232,6 +237,7 @@ def make_step(model, opt, x, gy):
         model(x).backward(gy)
         if opt is not None:
             opt.step()
+
     return step
 
 
@@ -241,7 +247,7 @@ def interleaved(fns: dict, repeats: int, warmup: int) -> dict:
     other processes on the machine disturb much less than the wall-clock time."""
     names, times = list(fns), {n: {"wall": [], "cpu": []} for n in fns}
     for i in range(warmup + repeats):
-        for name in names[i % len(names):] + names[: i % len(names)]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             t0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
@@ -258,12 +264,23 @@ def _medians(times, key):
 def per_round(times, clock, pairs) -> dict:
     """{ratio name: [a's time over b's, in each round]} for each (name, a, b) in pairs whose b ran:
     a and b ran in the same round, under the same load. clock: "cpu" or "wall"."""
-    return {key: [x / y for x, y in zip(times[a][clock], times[b][clock])]
-            for key, a, b in pairs if b in times}
+    return {
+        key: [x / y for x, y in zip(times[a][clock], times[b][clock])] for key, a, b in pairs if b in times
+    }
 
 
-def run(shape="vit", tokens=TOKENS, repeats=5, warmup=1, quick=False, impl=None, blocks=None,
-        methods=METHODS, seed=0, log=None) -> list:
+def run(
+    shape="vit",
+    tokens=TOKENS,
+    repeats=5,
+    warmup=1,
+    quick=False,
+    impl=None,
+    blocks=None,
+    methods=METHODS,
+    seed=0,
+    log=None,
+) -> list:
     """One row per (T, method): training step rows (kind "train") and merged-inference rows
     (kind "infer", methods "base" and "merged"). `quick`: one block, 2 repeats. `impl`: the
     path of a previous randlora.py, whose LoRA and RandLoRA run as the extra methods
@@ -281,7 +298,7 @@ def run(shape="vit", tokens=TOKENS, repeats=5, warmup=1, quick=False, impl=None,
     impl_of = {m: R_prev if m.endswith("@impl") else R for m in methods}
     models = {m: build(m.removesuffix("@impl"), base, impl_of[m], rank) for m in methods}
     infer = None
-    if "randlora" in methods:                                          # a trained-looking update
+    if "randlora" in methods:  # a trained-looking update
         merged = copy.deepcopy(models["randlora"][0])
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -293,41 +310,79 @@ def run(shape="vit", tokens=TOKENS, repeats=5, warmup=1, quick=False, impl=None,
     rows = []
     for T in tokens:
         g = torch.Generator().manual_seed(seed + T)
-        x = torch.randn(T, d, generator=g).requires_grad_(True)        # (T, d)
-        gy = torch.randn(T, d, generator=g)                            # (T, d) fixed output grad
+        x = torch.randn(T, d, generator=g).requires_grad_(True)  # (T, d)
+        gy = torch.randn(T, d, generator=g)  # (T, d) fixed output grad
         steps = {m: make_step(model, opt, x, gy) for m, (model, opt) in models.items()}
         times = interleaved(steps, repeats, warmup)
         med, cpu = _medians(times, "wall"), _medians(times, "cpu")
         ratio = lambda d, m, ref: d[m] / d[ref] if ref in d else None
-        for m, (model, opt) in models.items():
+        for m, (model, _) in models.items():
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            rows.append(dict(
-                kind="train", shape=shape, T=T, method=m, ms=1e3 * med[m], cpu_ms=1e3 * cpu[m],
-                times_ms=[1e3 * t for t in times[m]["wall"]],
-                x_lora=ratio(med, m, "lora"), x_full=ratio(med, m, "full"),
-                cpu_x_lora=ratio(cpu, m, "lora"), cpu_x_full=ratio(cpu, m, "full"),
-                x_prev=ratio(med, m, m + "@impl"), cpu_x_prev=ratio(cpu, m, m + "@impl"),
-                clock="cpu", rounds=per_round(times, "cpu", [("x_lora", m, "lora"), ("x_full", m, "full"),
-                                                            ("x_prev", m, m + "@impl")]),
-                trainable=n_train, saved_bytes=saved_bytes(model, x),
-                paths=resolved_paths(model, T, impl_of[m])))
+            rows.append(
+                dict(
+                    kind="train",
+                    shape=shape,
+                    T=T,
+                    method=m,
+                    ms=1e3 * med[m],
+                    cpu_ms=1e3 * cpu[m],
+                    times_ms=[1e3 * t for t in times[m]["wall"]],
+                    x_lora=ratio(med, m, "lora"),
+                    x_full=ratio(med, m, "full"),
+                    cpu_x_lora=ratio(cpu, m, "lora"),
+                    cpu_x_full=ratio(cpu, m, "full"),
+                    x_prev=ratio(med, m, m + "@impl"),
+                    cpu_x_prev=ratio(cpu, m, m + "@impl"),
+                    clock="cpu",
+                    rounds=per_round(
+                        times,
+                        "cpu",
+                        [("x_lora", m, "lora"), ("x_full", m, "full"), ("x_prev", m, m + "@impl")],
+                    ),
+                    trainable=n_train,
+                    saved_bytes=saved_bytes(model, x),
+                    paths=resolved_paths(model, T, impl_of[m]),
+                )
+            )
         if infer is not None:
             xs = x.detach()
-            fns = {k: (lambda mdl=mdl: _no_grad_forward(mdl, xs)) for k, mdl in infer.items()}
-            times = interleaved(fns, 3 * repeats, warmup)              # same work: a finer look
+            fns = {k: (lambda mdl=mdl, xs=xs: _no_grad_forward(mdl, xs)) for k, mdl in infer.items()}
+            times = interleaved(fns, 3 * repeats, warmup)  # same work: a finer look
             med, cpu = _medians(times, "wall"), _medians(times, "cpu")
             for k in infer:
-                rows.append(dict(kind="infer", shape=shape, T=T, method=k, ms=1e3 * med[k], cpu_ms=1e3 * cpu[k],
-                                 times_ms=[1e3 * t for t in times[k]["wall"]],
-                                 x_base=med[k] / med["base"], cpu_x_base=cpu[k] / cpu["base"],
-                                 clock="cpu", rounds=per_round(times, "cpu", [("x_base", k, "base")])))
+                rows.append(
+                    dict(
+                        kind="infer",
+                        shape=shape,
+                        T=T,
+                        method=k,
+                        ms=1e3 * med[k],
+                        cpu_ms=1e3 * cpu[k],
+                        times_ms=[1e3 * t for t in times[k]["wall"]],
+                        x_base=med[k] / med["base"],
+                        cpu_x_base=cpu[k] / cpu["base"],
+                        clock="cpu",
+                        rounds=per_round(times, "cpu", [("x_base", k, "base")]),
+                    )
+                )
         if log:
             log(f"T={T} done")
     return rows
 
 
-def device_run(shape="vit", tokens=DEVICE_TOKENS, dtypes=("bf16", "fp32"), device="cuda", repeats=5,
-               warmup=1, blocks=None, methods=METHODS, backend="inductor", seed=0, log=None) -> list:
+def device_run(
+    shape="vit",
+    tokens=DEVICE_TOKENS,
+    dtypes=("bf16", "fp32"),
+    device="cuda",
+    repeats=5,
+    warmup=1,
+    blocks=None,
+    methods=METHODS,
+    backend="inductor",
+    seed=0,
+    log=None,
+) -> list:
     """One row per (dtype, T, method), kind "device": the step on `device` in `dtype` (model,
     bases, optimizer state and x all cast: pure low-precision training), eager and compiled.
 
@@ -355,10 +410,10 @@ def device_run(shape="vit", tokens=DEVICE_TOKENS, dtypes=("bf16", "fp32"), devic
     rows = []
     for dt in dtypes:
         for T in tokens:
-            torch._dynamo.reset()                                      # this group's compiles only
+            torch._dynamo.reset()  # this group's compiles only
             g = torch.Generator().manual_seed(seed + T)
-            x = torch.randn(T, d, generator=g).to(device, DTYPES[dt]).requires_grad_(True)   # (T, d)
-            gy = torch.randn(T, d, generator=g).to(device, DTYPES[dt])                       # (T, d)
+            x = torch.randn(T, d, generator=g).to(device, DTYPES[dt]).requires_grad_(True)  # (T, d)
+            gy = torch.randn(T, d, generator=g).to(device, DTYPES[dt])  # (T, d)
             steps, compile_s = {}, {}
             for m in methods:
                 model, opt = build(m, base, R, rank, device, DTYPES[dt])
@@ -384,17 +439,40 @@ def device_run(shape="vit", tokens=DEVICE_TOKENS, dtypes=("bf16", "fp32"), devic
                 kernel[k] = kernel_ms(events, torch.device(device).type, PROFILED_STEPS)
             for m in methods:
                 c = m + "/compiled"
-                rounds = per_round(times, "wall" if cuda else "cpu", [
-                    ("x_lora", m, "lora"), ("x_full", m, "full"),
-                    ("compiled_x_lora", c, "lora/compiled"), ("compiled_x_full", c, "full/compiled")])
-                rows.append(dict(
-                    kind="device", device=device, dtype=dt, shape=shape, blocks=len(base), T=T, method=m,
-                    eager_ms=1e3 * med[m], compiled_ms=1e3 * med[c], compile_s=compile_s[m],
-                    x_lora=med[m] / med["lora"], x_full=med[m] / med["full"],
-                    compiled_x_lora=med[c] / med["lora/compiled"], compiled_x_full=med[c] / med["full/compiled"],
-                    clock="wall" if cuda else "cpu", rounds=rounds,
-                    eager_issue_ms=issue[m], eager_kernel_ms=kernel[m],
-                    compiled_issue_ms=issue[c], compiled_kernel_ms=kernel[c]))
+                rounds = per_round(
+                    times,
+                    "wall" if cuda else "cpu",
+                    [
+                        ("x_lora", m, "lora"),
+                        ("x_full", m, "full"),
+                        ("compiled_x_lora", c, "lora/compiled"),
+                        ("compiled_x_full", c, "full/compiled"),
+                    ],
+                )
+                rows.append(
+                    dict(
+                        kind="device",
+                        device=device,
+                        dtype=dt,
+                        shape=shape,
+                        blocks=len(base),
+                        T=T,
+                        method=m,
+                        eager_ms=1e3 * med[m],
+                        compiled_ms=1e3 * med[c],
+                        compile_s=compile_s[m],
+                        x_lora=med[m] / med["lora"],
+                        x_full=med[m] / med["full"],
+                        compiled_x_lora=med[c] / med["lora/compiled"],
+                        compiled_x_full=med[c] / med["full/compiled"],
+                        clock="wall" if cuda else "cpu",
+                        rounds=rounds,
+                        eager_issue_ms=issue[m],
+                        eager_kernel_ms=kernel[m],
+                        compiled_issue_ms=issue[c],
+                        compiled_kernel_ms=kernel[c],
+                    )
+                )
             if log:
                 log(f"{dt} T={T} done")
     torch._dynamo.reset()
@@ -416,14 +494,21 @@ def kernel_ms(events, device_type: str, steps: int) -> float | None:
     from torch.autograd import DeviceType
 
     if device_type == "cpu":
-        us = sum(e.self_cpu_time_total for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::"))
-        return us / steps / 1e3                                        # us -> ms
+        us = sum(
+            e.self_cpu_time_total
+            for e in events
+            if e.device_type == DeviceType.CPU and e.name.startswith("aten::")
+        )
+        return us / steps / 1e3  # us -> ms
     kind = getattr(DeviceType, device_type.upper())
     ours = [e for e in events if e.device_type == kind]
     if not all(hasattr(e, "is_user_annotation") for e in ours):
         return None
-    self_time = "self_device_time_total" if all(hasattr(e, "self_device_time_total") for e in ours) else \
-        "self_cuda_time_total"                                         # its name before torch 2.4
+    self_time = (
+        "self_device_time_total"
+        if all(hasattr(e, "self_device_time_total") for e in ours)
+        else "self_cuda_time_total"
+    )  # its name before torch 2.4
     return sum(getattr(e, self_time) for e in ours if not e.is_user_annotation) / steps / 1e3
 
 
@@ -433,14 +518,16 @@ def resolved_paths(model, T, R):
     for name, mod in model.named_modules():
         if hasattr(mod, "chosen_path"):
             path = mod.chosen_path(T)
-        elif hasattr(mod, "lam") and hasattr(mod, "path"):             # older copies: the cost model
+        elif hasattr(mod, "lam") and hasattr(mod, "path"):  # older copies: the cost model
             args = (T, mod.D, mod.k, mod.n * mod.r, mod.transposed)
-            sp = mod._shared.sparse_operands(mod.n, mod.D) if hasattr(mod._shared, "sparse_operands") else None
+            sp = (
+                mod._shared.sparse_operands(mod.n, mod.D) if hasattr(mod._shared, "sparse_operands") else None
+            )
             if mod.path != "auto":
                 path = mod.path
             elif sp is None:
                 path = R.choose_path(*args)
-            else:                                                      # CSR bases
+            else:  # CSR bases
                 path = R.choose_path(*args, True, sp[0].values().numel() / (mod.D * mod.n * mod.r))
         else:
             continue
@@ -465,8 +552,15 @@ def judge(row, key, limit) -> dict:
     else:
         low = value = high = values[0]
     ok = True if high <= limit else False if low > limit else None
-    return dict(value=value, low=low, high=high, limit=limit, ok=ok, wall=row[key],
-                clock=row.get("clock") if rounds else None)
+    return dict(
+        value=value,
+        low=low,
+        high=high,
+        limit=limit,
+        ok=ok,
+        wall=row[key],
+        clock=row.get("clock") if rounds else None,
+    )
 
 
 def checks(rows) -> list:
@@ -482,28 +576,61 @@ def checks(rows) -> list:
             saved = dict(saved=row["saved_bytes"] / lora["saved_bytes"])
             out.append(dict(target="saved bytes <= LoRA", T=T, method=method, **judge(saved, "saved", 1.0)))
             if row.get("shape") == "tiny":
-                out.append(dict(target="overhead step / LoRA", T=T, method=method,
-                                **judge(row, "x_lora", OVERHEAD_TARGET)))
+                out.append(
+                    dict(
+                        target="overhead step / LoRA",
+                        T=T,
+                        method=method,
+                        **judge(row, "x_lora", OVERHEAD_TARGET),
+                    )
+                )
             elif T in STEP_TARGETS:
-                out.append(dict(target="step time / LoRA", T=T, method=method,
-                                **judge(row, "x_lora", STEP_TARGETS[T])))
+                out.append(
+                    dict(
+                        target="step time / LoRA", T=T, method=method, **judge(row, "x_lora", STEP_TARGETS[T])
+                    )
+                )
             if T == FULL_TARGET[0] and row.get("shape") != "tiny" and row["x_full"] is not None:
-                out.append(dict(target="step time / full FT", T=T, method=method,
-                                **judge(row, "x_full", FULL_TARGET[1])))
+                out.append(
+                    dict(
+                        target="step time / full FT",
+                        T=T,
+                        method=method,
+                        **judge(row, "x_full", FULL_TARGET[1]),
+                    )
+                )
     for r in rows:
         if r["kind"] == "train" and r.get("x_prev") is not None and r["T"] in AB_TARGET[0]:
-            out.append(dict(target="step time / previous", T=r["T"], method=r["method"],
-                            **judge(r, "x_prev", AB_TARGET[1])))
+            out.append(
+                dict(
+                    target="step time / previous",
+                    T=r["T"],
+                    method=r["method"],
+                    **judge(r, "x_prev", AB_TARGET[1]),
+                )
+            )
     for r in rows:
         if r["kind"] == "infer" and r["method"] == "merged":
-            out.append(dict(target="merged inference / base", T=r["T"], method="randlora",
-                            **judge(r, "x_base", MERGED_TARGET)))
+            out.append(
+                dict(
+                    target="merged inference / base",
+                    T=r["T"],
+                    method="randlora",
+                    **judge(r, "x_base", MERGED_TARGET),
+                )
+            )
     for r in rows:
-        if r["kind"] == "device" and r["method"] == "randlora" and \
-                all(r.get(k) == v for k, v in DEVICE_TARGET_AT.items()):
+        if (
+            r["kind"] == "device"
+            and r["method"] == "randlora"
+            and all(r.get(k) == v for k, v in DEVICE_TARGET_AT.items())
+        ):
             for target, (key, limit) in DEVICE_TARGETS.items():
-                out.append(dict(target=f"{target} ({r['dtype']})", T=r["T"], method="randlora",
-                                **judge(r, key, limit)))
+                out.append(
+                    dict(
+                        target=f"{target} ({r['dtype']})", T=r["T"], method="randlora", **judge(r, key, limit)
+                    )
+                )
     return out
 
 
@@ -522,73 +649,122 @@ def table(rows, check_rows) -> str:
     w = max([17] + [len(r["method"]) for r in rows])
     lines = []
     if train:
-        lines.append(f"{'T':>5} {'method':<{w}} {'step ms':>9} {'x LoRA':>7} {'x full':>7} {'cpu x LoRA':>10} "
-                     f"{'cpu x full':>10}{' x prev cpu x prev' if ab else ''} {'trainable':>11} {'saved':>11}  paths")
+        lines.append(
+            f"{'T':>5} {'method':<{w}} {'step ms':>9} {'x LoRA':>7} {'x full':>7} {'cpu x LoRA':>10} "
+            f"{'cpu x full':>10}{' x prev cpu x prev' if ab else ''} {'trainable':>11} {'saved':>11}  paths"
+        )
     for r in train:
         paths = " ".join(f"{k}:{v[:3]}" for k, v in r["paths"].items()) if r["paths"] else ""
         prev = f" {fx(r.get('x_prev')):>6} {fx(r.get('cpu_x_prev')):>10}" if ab else ""
-        lines.append(f"{r['T']:>5} {r['method']:<{w}} {r['ms']:>9.1f} {fx(r['x_lora']):>7} {fx(r['x_full']):>7} "
-                     f"{fx(r.get('cpu_x_lora')):>10} {fx(r.get('cpu_x_full')):>10}{prev} "
-                     f"{r['trainable']:>11,} {_fmt_bytes(r['saved_bytes']):>11}  {paths}")
+        lines.append(
+            f"{r['T']:>5} {r['method']:<{w}} {r['ms']:>9.1f} {fx(r['x_lora']):>7} {fx(r['x_full']):>7} "
+            f"{fx(r.get('cpu_x_lora')):>10} {fx(r.get('cpu_x_full')):>10}{prev} "
+            f"{r['trainable']:>11,} {_fmt_bytes(r['saved_bytes']):>11}  {paths}"
+        )
     inf = [r for r in rows if r["kind"] == "infer"]
     if inf:
         lines += ["", f"{'T':>5} {'inference':<{w}} {'ms':>9} {'x base':>7} {'cpu x base':>10}"]
-        lines += [f"{r['T']:>5} {r['method']:<{w}} {r['ms']:>9.1f} {r['x_base']:>7.3f} "
-                  f"{r.get('cpu_x_base', 0):>10.3f}" for r in inf]
+        lines += [
+            f"{r['T']:>5} {r['method']:<{w}} {r['ms']:>9.1f} {r['x_base']:>7.3f} "
+            f"{r.get('cpu_x_base', 0):>10.3f}"
+            for r in inf
+        ]
     dev = [r for r in rows if r["kind"] == "device"]
     if dev:
         ms = lambda v: "n/a" if v is None else f"{v:.2f}"
-        lines += [f"{'':>11} {'':<{w}} {'eager':-^25} {'compiled':-^35} {'eager profile':-^19} "
-                  f"{'compiled profile':-^19}",
-                  f"{'dtype':>5} {'T':>5} {'method':<{w}} {'ms':>9} {'x LoRA':>7} {'x full':>7} {'ms':>9} {'x LoRA':>7} "
-                  f"{'x full':>7} {'compile s':>10} {'issue ms':>9} {'kernel ms':>9} {'issue ms':>9} {'kernel ms':>9}"]
-        lines += [f"{r['dtype']:>5} {r['T']:>5} {r['method']:<{w}} {r['eager_ms']:>9.2f} {r['x_lora']:>7.2f} "
-                  f"{r['x_full']:>7.2f} {r['compiled_ms']:>9.2f} {r['compiled_x_lora']:>7.2f} "
-                  f"{r['compiled_x_full']:>7.2f} {r['compile_s']:>10.1f} "
-                  f"{ms(r['eager_issue_ms']):>9} {ms(r['eager_kernel_ms']):>9} "
-                  f"{ms(r['compiled_issue_ms']):>9} {ms(r['compiled_kernel_ms']):>9}" for r in dev]
+        lines += [
+            f"{'':>11} {'':<{w}} {'eager':-^25} {'compiled':-^35} {'eager profile':-^19} "
+            f"{'compiled profile':-^19}",
+            f"{'dtype':>5} {'T':>5} {'method':<{w}} {'ms':>9} {'x LoRA':>7} {'x full':>7} {'ms':>9} "
+            f"{'x LoRA':>7} "
+            f"{'x full':>7} {'compile s':>10} {'issue ms':>9} {'kernel ms':>9} {'issue ms':>9} "
+            f"{'kernel ms':>9}",
+        ]
+        lines += [
+            f"{r['dtype']:>5} {r['T']:>5} {r['method']:<{w}} {r['eager_ms']:>9.2f} {r['x_lora']:>7.2f} "
+            f"{r['x_full']:>7.2f} {r['compiled_ms']:>9.2f} {r['compiled_x_lora']:>7.2f} "
+            f"{r['compiled_x_full']:>7.2f} {r['compile_s']:>10.1f} "
+            f"{ms(r['eager_issue_ms']):>9} {ms(r['eager_kernel_ms']):>9} "
+            f"{ms(r['compiled_issue_ms']):>9} {ms(r['compiled_kernel_ms']):>9}"
+            for r in dev
+        ]
     if check_rows:
         clocks = sorted({c["clock"] for c in check_rows} - {None})
-        header = (f"targets: the median of the per-round ratios of {' and '.join(clocks) or 'no'} time, their middle "
-                  "half in brackets (inconclusive where it straddles the limit); wall: the wall-clock medians' ratio")
+        header = (
+            f"targets: the median of the per-round ratios of {' and '.join(clocks) or 'no'} time, their "
+            "middle "
+            "half in brackets (inconclusive where it straddles the limit); wall: the wall-clock medians' "
+            "ratio"
+        )
         lines += ["", header]
         for c in check_rows:
             spread = f" [{c['low']:.3f}-{c['high']:.3f}]" if c["low"] != c["high"] else ""
             wall = f"  wall {c['wall']:.3f}" if c["clock"] == "cpu" else ""
-            lines.append(f"  {verdict(c):<12}  {c['target']:<27} T={c['T']:<5} {c['method']:<{w}} "
-                         f"{c['value']:.3f}{spread} (limit {c['limit']:g}){wall}")
+            lines.append(
+                f"  {verdict(c):<12}  {c['target']:<27} T={c['T']:<5} {c['method']:<{w}} "
+                f"{c['value']:.3f}{spread} (limit {c['limit']:g}){wall}"
+            )
     return "\n".join(lines)
 
 
 def environment(device="cpu") -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     gpu = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None
-    return dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
-                cpus=os.cpu_count(), machine=platform.machine(), loadavg=load, gpu=gpu,
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    return dict(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        threads=torch.get_num_threads(),
+        cpus=os.cpu_count(),
+        machine=platform.machine(),
+        loadavg=load,
+        gpu=gpu,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+    )
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="vit (default), llm, tiny")
     p.add_argument("--blocks", type=int, default=None, help="override the shape's block count")
-    p.add_argument("--tokens", type=int, nargs="+", default=None,
-                   help=f"T values (default {TOKENS}; {OVERHEAD_TOKENS} with --overhead, "
-                        f"{DEVICE_TOKENS} with --device)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"T values (default {TOKENS}; {OVERHEAD_TOKENS} with --overhead, {DEVICE_TOKENS} with --device)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 5; 30 with --overhead)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1; 5 with --overhead)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default 1; 5 with --overhead)"
+    )
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS))
     p.add_argument("--quick", action="store_true", help="smoke run: one block, T = 64 and 256, 2 repeats")
-    p.add_argument("--overhead", action="store_true",
-                   help="tiny widths (shape tiny: d = 32, d_ff = 128, 12 blocks), T = 64, 30 repeats")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="eager and torch.compile'd steps with a profile, on this device")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
-                   help="with --device (default bf16 fp32 on cuda, fp32 on cpu)")
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="tiny widths (shape tiny: d = 32, d_ff = 128, 12 blocks), T = 64, 30 repeats",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="eager and torch.compile'd steps with a profile, on this device",
+    )
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=sorted(DTYPES),
+        default=None,
+        help="with --device (default bf16 fp32 on cuda, fp32 on cpu)",
+    )
     p.add_argument("--backend", default="inductor", help="with --device: torch.compile's backend")
     p.add_argument("--json", metavar="FILE", help="write rows, checks and environment here")
-    p.add_argument("--impl", metavar="REV|PATH", help="A/B: add the LoRA and RandLoRA of randlora.py as of this "
-                   "git revision (or of this file) as extra methods, and the ratio current/previous")
+    p.add_argument(
+        "--impl",
+        metavar="REV|PATH",
+        help="A/B: add the LoRA and RandLoRA of randlora.py as of this "
+        "git revision (or of this file) as extra methods, and the ratio current/previous",
+    )
     a = p.parse_args(argv)
     if a.overhead and a.shape not in (None, "tiny"):
         p.error("--overhead runs the tiny shape; drop --shape")
@@ -605,8 +781,12 @@ def main(argv=None):
         p.error("--impl (A/B) is a CPU step-time run; drop --device or --impl")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here")
-    tokens = tuple(a.tokens or (OVERHEAD_TOKENS if a.overhead else (64, 256) if a.quick else
-                                DEVICE_TOKENS if a.device else TOKENS))
+    tokens = tuple(
+        a.tokens
+        or (
+            OVERHEAD_TOKENS if a.overhead else (64, 256) if a.quick else DEVICE_TOKENS if a.device else TOKENS
+        )
+    )
     if a.quick:
         repeats, warmup = min(repeats, 2), min(warmup, 1)
     if a.overhead:
@@ -614,17 +794,22 @@ def main(argv=None):
     blocks = a.blocks or (1 if a.quick else None)
     env = environment(a.device or "cpu")
     mode = f" device={a.device} dtype={a.dtype or ''} backend={a.backend}" if a.device else ""
-    print(f"bench.py shape={shape} blocks={blocks or SHAPES[shape]['blocks']} tokens={tokens} repeats={repeats} "
-          f"warmup={warmup}{' quick' if a.quick else ''}{mode}{f' impl={a.impl}' if a.impl else ''}  "
-          f"torch {env['torch']}, {env['threads']} threads, load {env['loadavg']}", flush=True)
+    print(
+        f"bench.py shape={shape} blocks={blocks or SHAPES[shape]['blocks']} tokens={tokens} "
+        f"repeats={repeats} "
+        f"warmup={warmup}{' quick' if a.quick else ''}{mode}{f' impl={a.impl}' if a.impl else ''}  "
+        f"torch {env['torch']}, {env['threads']} threads, load {env['loadavg']}",
+        flush=True,
+    )
     t0 = time.time()
     log = lambda s: print(f"  {s} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     if a.device:
         dtypes = tuple(a.dtype or (("bf16", "fp32") if a.device == "cuda" else ("fp32",)))
-        rows = device_run(shape, tokens, dtypes, a.device, repeats, warmup, blocks, tuple(a.methods),
-                          a.backend, log=log)
+        rows = device_run(
+            shape, tokens, dtypes, a.device, repeats, warmup, blocks, tuple(a.methods), a.backend, log=log
+        )
     else:
-        with tempfile.TemporaryDirectory(prefix="bench-impl-") as folder:     # a revision's copy, deleted after
+        with tempfile.TemporaryDirectory(prefix="bench-impl-") as folder:  # a revision's copy, deleted after
             try:
                 impl = impl_file(a.impl, folder) if a.impl else None
             except ValueError as e:
@@ -637,8 +822,13 @@ def main(argv=None):
     print(f"\n{env['seconds']:.0f} s; load average before {env['loadavg']}, after {env['loadavg_after']}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(argv=sys.argv[1:] if argv is None else list(argv), environment=env,
-                           rows=rows, checks=cs), f, indent=1)
+            json.dump(
+                dict(
+                    argv=sys.argv[1:] if argv is None else list(argv), environment=env, rows=rows, checks=cs
+                ),
+                f,
+                indent=1,
+            )
     return rows
 
 

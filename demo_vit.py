@@ -74,6 +74,7 @@ normalised in torch; no torchvision.
 [3] Hu et al., LoRA: Low-rank adaptation of large language models, ICLR 2022.
 [4] Radford et al., Learning transferable visual models from natural language supervision, ICML 2021.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,52 +116,81 @@ class DemoError(Exception):
 @dataclass(frozen=True)
 class DatasetSpec:
     title: str
-    url: str                             # the official python-version tarball
+    url: str  # the official python-version tarball
     filename: str
-    md5: str                             # published checksum of the tarball
-    folder: str                          # what the tarball unpacks to
+    md5: str  # published checksum of the tarball
+    folder: str  # what the tarball unpacks to
     train_files: tuple
     test_files: tuple
     meta_file: str
-    label_key: str                       # key of the labels in each batch dict
-    names_key: str                       # key of the class names in the meta dict
+    label_key: str  # key of the labels in each batch dict
+    names_key: str  # key of the class names in the meta dict
     num_classes: int
 
 
 DATASETS = {
-    "cifar10": DatasetSpec("CIFAR-10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                           "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
-                           tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta",
-                           "labels", "label_names", 10),
-    "cifar100": DatasetSpec("CIFAR-100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                            "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
-                            ("train",), ("test",), "meta", "fine_labels", "fine_label_names", 100),
+    "cifar10": DatasetSpec(
+        "CIFAR-10",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "batches.meta",
+        "labels",
+        "label_names",
+        10,
+    ),
+    "cifar100": DatasetSpec(
+        "CIFAR-100",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        "cifar-100-python",
+        ("train",),
+        ("test",),
+        "meta",
+        "fine_labels",
+        "fine_label_names",
+        100,
+    ),
 }
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     title: str
-    image_size: int                      # the resolution the weights were trained at
-    mean: tuple                          # input normalisation, per RGB channel
+    image_size: int  # the resolution the weights were trained at
+    mean: tuple  # input normalisation, per RGB channel
     std: tuple
-    target_modules: tuple                # nn.Linear layers to adapt (dotted suffixes)
-    target_parameters: tuple = ()        # raw 2-D weights to adapt (dotted suffixes)
+    target_modules: tuple  # nn.Linear layers to adapt (dotted suffixes)
+    target_parameters: tuple = ()  # raw 2-D weights to adapt (dotted suffixes)
 
 
 MODELS = {
-    "dinov2-vits14": ModelSpec("DINOv2 ViT-S/14", 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                               ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")),
-    "clip-vit-b-32": ModelSpec("CLIP ViT-B/32 (OpenAI)", 224, (0.48145466, 0.4578275, 0.40821073),
-                               (0.26862954, 0.26130258, 0.27577711), ("mlp.c_fc", "mlp.c_proj"),
-                               ("attn.in_proj_weight", "attn.out_proj.weight")),
+    "dinov2-vits14": ModelSpec(
+        "DINOv2 ViT-S/14",
+        224,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+    ),
+    "clip-vit-b-32": ModelSpec(
+        "CLIP ViT-B/32 (OpenAI)",
+        224,
+        (0.48145466, 0.4578275, 0.40821073),
+        (0.26862954, 0.26130258, 0.27577711),
+        ("mlp.c_fc", "mlp.c_proj"),
+        ("attn.in_proj_weight", "attn.out_proj.weight"),
+    ),
 }
 DINOV2_REPO, DINOV2_ENTRY = "facebookresearch/dinov2", "dinov2_vits14"
 DINOV2_WEIGHTS = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
-CLIP_NAME, CLIP_TAG = "ViT-B-32-quickgelu", "openai"       # OpenAI's weights were trained with QuickGELU
+CLIP_NAME, CLIP_TAG = "ViT-B-32-quickgelu", "openai"  # OpenAI's weights were trained with QuickGELU
 PROMPT = "a photo of a {}."
-ALPHA_PER_RANK = 2.0                                        # alpha = 2 r for LoRA and RandLoRA [1, app. C]
-PEFT_ALPHA_PER_RANK = 20.0                                  # RandLoRA with --scaling peft: PEFT's 640 at r = 32
+ALPHA_PER_RANK = 2.0  # alpha = 2 r for LoRA and RandLoRA [1, app. C]
+PEFT_ALPHA_PER_RANK = 20.0  # RandLoRA with --scaling peft: PEFT's 640 at r = 32
 
 
 def default_data_dir() -> str:
@@ -206,11 +236,11 @@ def _log(msg: str) -> None:
 
 @dataclass(frozen=True)
 class Cifar:
-    train_images: torch.Tensor           # (N, 3, 32, 32) uint8, RGB
-    train_labels: torch.Tensor           # (N,) int64
-    test_images: torch.Tensor            # (M, 3, 32, 32) uint8
-    test_labels: torch.Tensor            # (M,) int64
-    classes: tuple                       # class names, in label order
+    train_images: torch.Tensor  # (N, 3, 32, 32) uint8, RGB
+    train_labels: torch.Tensor  # (N,) int64
+    test_images: torch.Tensor  # (M, 3, 32, 32) uint8
+    test_labels: torch.Tensor  # (M,) int64
+    classes: tuple  # class names, in label order
 
 
 def file_md5(path: str) -> str:
@@ -222,8 +252,10 @@ def file_md5(path: str) -> str:
 
 
 def _workaround(spec: DatasetSpec, data_dir: str) -> str:
-    return (f"Offline? Fetch {spec.filename} elsewhere and put it, or the folder {spec.folder}/ it unpacks to, "
-            f"in --data-dir DIR (now {data_dir}).")
+    return (
+        f"Offline? Fetch {spec.filename} elsewhere and put it, or the folder {spec.folder}/ it unpacks to, "
+        f"in --data-dir DIR (now {data_dir})."
+    )
 
 
 def _download(spec: DatasetSpec, dest: str, data_dir: str, log) -> None:
@@ -232,18 +264,24 @@ def _download(spec: DatasetSpec, dest: str, data_dir: str, log) -> None:
     log(f"downloading {spec.title} from {spec.url} to {data_dir}")
     try:
         with urllib.request.urlopen(spec.url, timeout=60) as response, open(part, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0)            # bytes, 0 if unknown
+            total = int(response.headers.get("Content-Length") or 0)  # bytes, 0 if unknown
             progress, done = Progress(f"  {spec.filename}, MiB", math.ceil(total / 2**20), log), 0
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 done += len(chunk)
                 if total:
                     progress(done // 2**20)
-    except (OSError, http.client.HTTPException, ValueError) as e:   # URLError, HTTPError, timeouts are OSErrors
+    except (
+        OSError,
+        http.client.HTTPException,
+        ValueError,
+    ) as e:  # URLError, HTTPError, timeouts are OSErrors
         with suppress(OSError):
             os.remove(part)
-        raise DemoError(f"could not download {spec.title} from {spec.url} ({type(e).__name__}: {e}).\n"
-                        + _workaround(spec, data_dir)) from None
+        raise DemoError(
+            f"could not download {spec.title} from {spec.url} ({type(e).__name__}: {e}).\n"
+            + _workaround(spec, data_dir)
+        ) from None
     os.replace(part, dest)
 
 
@@ -251,9 +289,11 @@ def _verify(spec: DatasetSpec, tarball: str) -> None:
     got = file_md5(tarball)
     if got != spec.md5:
         os.remove(tarball)
-        raise DemoError(f"{tarball} has MD5 {got}, but {spec.title}'s published MD5 is {spec.md5}: the download "
-                        "is corrupted or incomplete. Deleted it; nothing was unpickled. Run again to download it "
-                        "again, or put a good copy in --data-dir.")
+        raise DemoError(
+            f"{tarball} has MD5 {got}, but {spec.title}'s published MD5 is {spec.md5}: the download "
+            "is corrupted or incomplete. Deleted it; nothing was unpickled. Run again to download it "
+            "again, or put a good copy in --data-dir."
+        )
 
 
 def _extract(spec: DatasetSpec, tarball: str, data_dir: str) -> None:
@@ -270,7 +310,9 @@ def _extract(spec: DatasetSpec, tarball: str, data_dir: str) -> None:
                     shutil.copyfileobj(src, dst)
         os.replace(tmp, os.path.join(data_dir, spec.folder))
     except (tarfile.TarError, KeyError, EOFError, OSError) as e:
-        raise DemoError(f"could not unpack {tarball} ({type(e).__name__}: {e}); delete it and run again") from None
+        raise DemoError(
+            f"could not unpack {tarball} ({type(e).__name__}: {e}); delete it and run again"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -278,6 +320,7 @@ def _extract(spec: DatasetSpec, tarball: str, data_dir: str) -> None:
 class _ArraysOnly(pickle.Unpickler):
     """Unpickles numpy arrays and plain Python types, nothing else: a file that names any other
     callable is refused instead of run. CIFAR's pickles need exactly these."""
+
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"): np.ndarray(0).__reduce__()[0],
         ("numpy._core.multiarray", "_reconstruct"): np.ndarray(0).__reduce__()[0],
@@ -285,14 +328,16 @@ class _ArraysOnly(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"): np.int64(0).__reduce__()[0],
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,        # how Python 3 pickles bytes at protocol 2
+        ("_codecs", "encode"): codecs.encode,  # how Python 3 pickles bytes at protocol 2
     }
 
     def find_class(self, module, name):
         try:
             return self._ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR batch") from None
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: not part of a CIFAR batch"
+            ) from None
 
 
 def _unpickle(path: str) -> dict:
@@ -300,14 +345,17 @@ def _unpickle(path: str) -> dict:
         with open(path, "rb") as f:
             d = _ArraysOnly(f, encoding="bytes").load()
     except FileNotFoundError:
-        raise DemoError(f"{path} is missing: the folder is not a complete unpacked CIFAR tarball; "
-                        "delete the folder to download it again") from None
-    except Exception as e:                                          # truncated, tampered, not a pickle
-        raise DemoError(f"could not read {path} ({type(e).__name__}: {e}); delete its folder to download "
-                        "it again") from None
+        raise DemoError(
+            f"{path} is missing: the folder is not a complete unpacked CIFAR tarball; "
+            "delete the folder to download it again"
+        ) from None
+    except Exception as e:  # truncated, tampered, not a pickle
+        raise DemoError(
+            f"could not read {path} ({type(e).__name__}: {e}); delete its folder to download it again"
+        ) from None
     if not isinstance(d, dict):
         raise DemoError(f"{path} does not hold a CIFAR batch dict")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}   # Python 2's bytes keys
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}  # Python 2's bytes keys
 
 
 def _decode_batches(folder: str, spec: DatasetSpec, names):
@@ -316,12 +364,16 @@ def _decode_batches(folder: str, spec: DatasetSpec, names):
         path = os.path.join(folder, name)
         d = _unpickle(path)
         x, y = d.get("data"), d.get(spec.label_key)
-        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3 * 32 * 32):
+        if not (
+            isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3 * 32 * 32
+        ):
             raise DemoError(f"{path}: 'data' must be a uint8 array (N, 3072)")
-        y = np.asarray(y if y is not None else [], dtype=np.int64)                  # (N,)
+        y = np.asarray(y if y is not None else [], dtype=np.int64)  # (N,)
         if y.shape != (len(x),) or (len(y) and not 0 <= y.min() <= y.max() < spec.num_classes):
-            raise DemoError(f"{path}: '{spec.label_key}' must hold {len(x)} labels in [0, {spec.num_classes})")
-        images.append(x.reshape(-1, 3, 32, 32))                    # (N, 3, 32, 32): rows are R, G, B planes
+            raise DemoError(
+                f"{path}: '{spec.label_key}' must hold {len(x)} labels in [0, {spec.num_classes})"
+            )
+        images.append(x.reshape(-1, 3, 32, 32))  # (N, 3, 32, 32): rows are R, G, B planes
         labels.append(y)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
@@ -340,7 +392,9 @@ def load_cifar(data_dir: str, dataset: str = "cifar10", download: bool = True, l
             try:
                 os.makedirs(data_dir, exist_ok=True)
             except OSError as e:
-                raise DemoError(f"cannot create the data folder {data_dir} ({e}); pass --data-dir DIR") from None
+                raise DemoError(
+                    f"cannot create the data folder {data_dir} ({e}); pass --data-dir DIR"
+                ) from None
             _download(spec, tarball, data_dir, log)
         _verify(spec, tarball)
         _extract(spec, tarball, data_dir)
@@ -348,7 +402,9 @@ def load_cifar(data_dir: str, dataset: str = "cifar10", download: bool = True, l
     test = _decode_batches(folder, spec, spec.test_files)
     names = _unpickle(os.path.join(folder, spec.meta_file)).get(spec.names_key)
     if not isinstance(names, list) or len(names) != spec.num_classes:
-        raise DemoError(f"{folder}/{spec.meta_file}: '{spec.names_key}' must list {spec.num_classes} class names")
+        raise DemoError(
+            f"{folder}/{spec.meta_file}: '{spec.names_key}' must list {spec.num_classes} class names"
+        )
     classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
     return Cifar(*train, *test, classes)
 
@@ -373,7 +429,7 @@ def per_class(labels: torch.Tensor, n: int, num_classes: int, seed: int, flag: s
 def load_backbone(args) -> nn.Module:
     """The pretrained model as its own code builds it: DINOv2 from torch.hub (or --hub-dir), or
     open_clip's CLIP. --random-init builds the same architecture without downloading weights."""
-    with torch.random.fork_rng(devices=[]):                       # --random-init: the same weights for a seed
+    with torch.random.fork_rng(devices=[]):  # --random-init: the same weights for a seed
         torch.manual_seed(args.seed)
         return _load_clip(args) if args.model == "clip-vit-b-32" else _load_dinov2(args)
 
@@ -384,20 +440,26 @@ def _load_dinov2(args) -> nn.Module:
         if args.hub_dir:
             return torch.hub.load(args.hub_dir, DINOV2_ENTRY, source="local", pretrained=not args.random_init)
         return torch.hub.load(DINOV2_REPO, DINOV2_ENTRY, trust_repo=True, pretrained=not args.random_init)
-    except Exception as e:                                         # network, missing repo or file, bad hubconf
+    except Exception as e:  # network, missing repo or file, bad hubconf
         raise DemoError(
-            f"could not load {MODELS[args.model].title} ('{DINOV2_ENTRY}' from {where}): {type(e).__name__}: {e}\n"
-            f"It needs the hub repository (online, or a local clone: git clone https://github.com/{DINOV2_REPO}, "
-            f"then --hub-dir DIR) and, unless --random-init, the weights {DINOV2_WEIGHTS}, which torch.hub caches "
-            f"in {os.path.join(torch.hub.get_dir(), 'checkpoints')}.") from None
+            f"could not load {MODELS[args.model].title} ('{DINOV2_ENTRY}' from {where}): "
+            f"{type(e).__name__}: {e}\n"
+            "It needs the hub repository (online, or a local clone: git clone "
+            f"https://github.com/{DINOV2_REPO}, "
+            f"then --hub-dir DIR) and, unless --random-init, the weights {DINOV2_WEIGHTS}, which torch.hub "
+            "caches "
+            f"in {os.path.join(torch.hub.get_dir(), 'checkpoints')}."
+        ) from None
 
 
 def _import_open_clip():
     try:
         import open_clip
     except ImportError as e:
-        raise DemoError(f"--model clip-vit-b-32 needs open_clip, an optional extra: pip install open_clip_torch "
-                        f"({type(e).__name__}: {e})") from None
+        raise DemoError(
+            f"--model clip-vit-b-32 needs open_clip, an optional extra: pip install open_clip_torch "
+            f"({type(e).__name__}: {e})"
+        ) from None
     return open_clip
 
 
@@ -407,9 +469,11 @@ def _load_clip(args) -> nn.Module:
         return open_clip.create_model(CLIP_NAME, pretrained=None if args.random_init else CLIP_TAG)
     except Exception as e:
         what = "" if args.random_init else f" with OpenAI's weights (pretrained='{CLIP_TAG}')"
-        raise DemoError(f"could not create open_clip's {CLIP_NAME}{what}: {type(e).__name__}: {e}\n"
-                        "Offline? open_clip downloads the weights once and caches them (Hugging Face hub cache); "
-                        "run once online, or pass --random-init.") from None
+        raise DemoError(
+            f"could not create open_clip's {CLIP_NAME}{what}: {type(e).__name__}: {e}\n"
+            "Offline? open_clip downloads the weights once and caches them (Hugging Face hub cache); "
+            "run once online, or pass --random-init."
+        ) from None
 
 
 class ZeroShotHead(nn.Module):
@@ -417,11 +481,11 @@ class ZeroShotHead(nn.Module):
 
     def __init__(self, text: torch.Tensor, scale: float):
         super().__init__()
-        self.register_buffer("text", F.normalize(text.float(), dim=-1))   # (C, E)
+        self.register_buffer("text", F.normalize(text.float(), dim=-1))  # (C, E)
         self.scale = scale
 
-    def forward(self, f):                                          # (B, E)
-        return self.scale * F.normalize(f, dim=-1) @ self.text.T   # (B, C)
+    def forward(self, f):  # (B, E)
+        return self.scale * F.normalize(f, dim=-1) @ self.text.T  # (B, C)
 
 
 class Classifier(nn.Module):
@@ -434,18 +498,18 @@ class Classifier(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images):                                     # (B, 3, 32, 32) uint8
-        x = images.float() / 255                                   # (B, 3, 32, 32) in [0, 1]
+    def forward(self, images):  # (B, 3, 32, 32) uint8
+        x = images.float() / 255  # (B, 3, 32, 32) in [0, 1]
         x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
-        x = (x.clamp(0, 1) - self.mean) / self.std                 # (B, 3, S, S)
-        return self.head(self.backbone(x))                         # (B, C)
+        x = (x.clamp(0, 1) - self.mean) / self.std  # (B, 3, S, S)
+        return self.head(self.backbone(x))  # (B, C)
 
 
 @torch.no_grad()
 def clip_text_embeddings(clip, classes) -> torch.Tensor:
     tokenizer = _import_open_clip().get_tokenizer(CLIP_NAME)
-    tokens = tokenizer([PROMPT.format(c.replace("_", " ")) for c in classes])   # (C, context)
-    return clip.encode_text(tokens).float()                        # (C, E)
+    tokens = tokenizer([PROMPT.format(c.replace("_", " ")) for c in classes])  # (C, context)
+    return clip.encode_text(tokens).float()  # (C, E)
 
 
 def make_classifier(loaded: nn.Module, args, classes) -> Classifier:
@@ -465,12 +529,12 @@ def make_classifier(loaded: nn.Module, args, classes) -> Classifier:
         if size % patch:
             raise DemoError(f"--image-size {size} must be a multiple of the patch size {patch}")
         head = nn.Linear(dim, len(classes))
-        gen = torch.Generator().manual_seed(args.seed)             # nn.Linear's default bound, seeded
+        gen = torch.Generator().manual_seed(args.seed)  # nn.Linear's default bound, seeded
         with torch.no_grad():
             for p in head.parameters():
                 p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) / math.sqrt(dim))
     model = Classifier(backbone, head, spec, size).requires_grad_(False)
-    model.head.requires_grad_(True)                                # no-op for CLIP: buffers only
+    model.head.requires_grad_(True)  # no-op for CLIP: buffers only
     return model
 
 
@@ -481,17 +545,24 @@ def adapt(model: Classifier, method: str, args) -> int | None:
     the adapter checkpoint. Returns the adapter's r (None for none and full, which patch nothing)."""
     spec = MODELS[args.model]
     targets = dict(target_modules=spec.target_modules, target_parameters=spec.target_parameters)
-    head = ["head"] if any(p.requires_grad for p in model.head.parameters()) else []   # CLIP's: buffers only
+    head = ["head"] if any(p.requires_grad for p in model.head.parameters()) else []  # CLIP's: buffers only
     try:
         if method == "lora":
-            randlora.add_lora(model, r=args.lora_rank, alpha=ALPHA_PER_RANK * args.lora_rank,
-                              seed=args.seed, trainable=head, **targets)
+            randlora.add_lora(
+                model,
+                r=args.lora_rank,
+                alpha=ALPHA_PER_RANK * args.lora_rank,
+                seed=args.seed,
+                trainable=head,
+                **targets,
+            )
             return args.lora_rank
         if method == "randlora":
             r = randlora.rank_for_budget(model.backbone, lora_rank=args.lora_rank, **targets)
             alpha = (ALPHA_PER_RANK if args.scaling == "paper" else PEFT_ALPHA_PER_RANK) * r
-            randlora.add_randlora(model, r=r, alpha=alpha, seed=args.seed, trainable=head, scaling=args.scaling,
-                                  **targets)
+            randlora.add_randlora(
+                model, r=r, alpha=alpha, seed=args.seed, trainable=head, scaling=args.scaling, **targets
+            )
             return r
     except ValueError as e:
         raise DemoError(f"cannot add {method} to {spec.title}: {e}") from None
@@ -544,8 +615,10 @@ def check_adapter_gradients(backbone: nn.Module) -> None:
             if g is None or (partner.abs().sum() > 0 and not g.abs().sum() > 0):
                 raise AssertionError(
                     f"{name}.{mine} received no gradient: the adapted weight is not used by the forward pass "
-                    "(a module whose parent reads its .weight directly, like nn.MultiheadAttention's out_proj, "
-                    "must be adapted through target_parameters)")
+                    "(a module whose parent reads its .weight directly, like nn.MultiheadAttention's "
+                    "out_proj, "
+                    "must be adapted through target_parameters)"
+                )
 
 
 def _sync(device):
@@ -559,10 +632,12 @@ def autocast(args):
 
 
 def compiled_graphs(args) -> int:
-    """How many graphs torch.compile has compiled in this process so far (its own counter); 0 without --compile."""
+    """How many graphs torch.compile has compiled in this process so far (its own counter); 0 without
+    --compile."""
     if not args.compile:
         return 0
     from torch._dynamo.utils import counters
+
     return counters["stats"]["unique_graphs"]
 
 
@@ -571,6 +646,7 @@ def recompiles() -> int | None:
     failed (a dtype, a shape, an attribute changed): for every frame it compiled, its cache entries
     beyond the first. None where this torch keeps them elsewhere."""
     from torch._dynamo import convert_frame, eval_frame
+
     try:
         codes = [ref() for ref in convert_frame.input_codes.seen]
         return sum(max(len(eval_frame._debug_get_cache_entry_list(c)) - 1, 0) for c in codes if c is not None)
@@ -582,6 +658,7 @@ def compile_backbone(model: Classifier, args) -> None:
     """torch.compile model.backbone in place (nn.Module.compile: its names, state dict and adapters stay
     as they are), after clearing dynamo's caches so that each method's compile time is its own."""
     import torch._dynamo as dynamo
+
     dynamo.reset()
     model.backbone.compile(backend=args.compile_backend)
 
@@ -598,10 +675,12 @@ def warm_up(model: Classifier, images, labels, args) -> float:
             with autocast(args):
                 loss = F.cross_entropy(model(images[:b].to(args.device)), labels[:b].to(args.device))
             loss.backward()
-    except Exception as e:                                         # no compiler, unsupported op, backend error
+    except Exception as e:  # no compiler, unsupported op, backend error
         first = (str(e).strip().splitlines() or [""])[0]
-        raise DemoError(f"torch.compile with --compile-backend {args.compile_backend} failed ({type(e).__name__}: "
-                        f"{first})\nRun without --compile, or with --compile-backend aot_eager.") from None
+        raise DemoError(
+            f"torch.compile with --compile-backend {args.compile_backend} failed ({type(e).__name__}: "
+            f"{first})\nRun without --compile, or with --compile-backend aot_eager."
+        ) from None
     model.zero_grad(set_to_none=True)
     _sync(args.device)
     return time.perf_counter() - t0
@@ -616,10 +695,12 @@ def train(model: Classifier, images, labels, method: str, args, log=_log, label:
     first eager step only: in a compiled step dynamo would trace it, and recompile it for every
     dtype and shape of tensor it is handed, so --compile on a CPU reports no memory."""
     lr = args.full_lr if method == "full" else args.lr
-    groups = [dict(params=[p for p in m.parameters() if p.requires_grad], lr=g)
-              for m, g in ((model.head, args.head_lr), (model.backbone, lr))]
+    groups = [
+        dict(params=[p for p in m.parameters() if p.requires_grad], lr=g)
+        for m, g in ((model.head, args.head_lr), (model.backbone, lr))
+    ]
     groups = [g for g in groups if g["params"]]
-    if not groups:                                                 # CLIP zero-shot: nothing trains
+    if not groups:  # CLIP zero-shot: nothing trains
         return dict(seconds=None, compile=None, recompiles=None, loop_compiles=None, memory=None)
     opt = torch.optim.Adam(groups)
     per_epoch = math.ceil(len(images) / args.batch_size)
@@ -642,9 +723,9 @@ def train(model: Classifier, images, labels, method: str, args, log=_log, label:
     for epoch in range(args.epochs):
         order = torch.randperm(len(images), generator=gen)
         for i in range(per_epoch):
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
             flip = torch.rand(len(idx), generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], images[idx].flip(-1), images[idx])   # (B, 3, 32, 32)
+            x = torch.where(flip[:, None, None, None], images[idx].flip(-1), images[idx])  # (B, 3, 32, 32)
             x, y = x.to(args.device), labels[idx].to(args.device)
             with counter if counter and step == 0 else nullcontext(), autocast(args):
                 loss = F.cross_entropy(model(x), y)
@@ -655,14 +736,22 @@ def train(model: Classifier, images, labels, method: str, args, log=_log, label:
             opt.step()
             sched.step()
             step += 1
-            progress(step, lambda: f"epoch {epoch + 1}/{args.epochs}  loss {loss.item():.3f}")
+            progress(
+                step,
+                lambda epoch=epoch, loss=loss: f"epoch {epoch + 1}/{args.epochs}  loss {loss.item():.3f}",
+            )
     _sync(args.device)
     seconds = time.perf_counter() - t0
     if args.compile:
         log(f"{label}: torch.compile recompiled {recompiles()} time(s) while training (warm-up included)")
     memory = torch.cuda.max_memory_allocated(args.device) if cuda else counter.bytes if counter else None
-    return dict(seconds=seconds, compile=compile_seconds, recompiles=recompiles() if args.compile else None,
-                loop_compiles=compiled_graphs(args) - graphs if args.compile else None, memory=memory)
+    return dict(
+        seconds=seconds,
+        compile=compile_seconds,
+        recompiles=recompiles() if args.compile else None,
+        loop_compiles=compiled_graphs(args) - graphs if args.compile else None,
+        memory=memory,
+    )
 
 
 @torch.no_grad()
@@ -673,9 +762,9 @@ def evaluate(model: nn.Module, images, labels, args, log=_log, label: str = "") 
     progress, preds = Progress(f"{label} evaluating", len(images), log), []
     for i in range(0, len(images), bs):
         with autocast(args):
-            preds.append(model(images[i:i + bs].to(args.device)).argmax(-1).cpu())   # (b,)
+            preds.append(model(images[i : i + bs].to(args.device)).argmax(-1).cpu())  # (b,)
         progress(min(i + bs, len(images)))
-    preds = torch.cat(preds)                                       # (M,)
+    preds = torch.cat(preds)  # (M,)
     return (preds == labels).float().mean().item(), preds
 
 
@@ -698,7 +787,7 @@ def load_finetuned(args, path: str, classes) -> Classifier:
     model = make_classifier(load_backbone(args), args, classes)
     try:
         randlora.load_adapter(model, path)
-    except (OSError, ValueError, TypeError) as e:                 # missing, damaged or mismatched file
+    except (OSError, ValueError, TypeError) as e:  # missing, damaged or mismatched file
         raise DemoError(f"could not load the checkpoint {path} ({type(e).__name__}: {e})") from None
     randlora.merge(model)
     return model.to(args.device).eval()
@@ -714,15 +803,21 @@ def run(args, log=_log) -> list:
     changes ({adapted layer: ||DeltaW|| / ||W||}), predictions (M,), files (checkpoints written)."""
     spec, data_spec = MODELS[args.model], DATASETS[args.dataset]
     log(f"loading {spec.title}" + (" with random weights" if args.random_init else ""))
-    loaded = load_backbone(args)                                   # first: a missing --hub-dir or open_clip
-    data = load_cifar(args.data_dir, args.dataset, log=log)        # is reported before any data is fetched
+    loaded = load_backbone(args)  # first: a missing --hub-dir or open_clip
+    data = load_cifar(args.data_dir, args.dataset, log=log)  # is reported before any data is fetched
     n = data_spec.num_classes
     train_idx = per_class(data.train_labels, args.shots, n, args.seed, "--shots")
-    test_idx = (per_class(data.test_labels, args.test_per_class, n, args.seed, "--test-per-class")
-                if args.test_per_class else torch.arange(len(data.test_labels)))
+    test_idx = (
+        per_class(data.test_labels, args.test_per_class, n, args.seed, "--test-per-class")
+        if args.test_per_class
+        else torch.arange(len(data.test_labels))
+    )
     train_x, train_y = data.train_images[train_idx], data.train_labels[train_idx]
     test_x, test_y = data.test_images[test_idx], data.test_labels[test_idx]
-    log(f"{data_spec.title}: {len(train_x)} training images ({args.shots} per class), {len(test_x)} test images")
+    log(
+        f"{data_spec.title}: {len(train_x)} training images ({args.shots} per class), {len(test_x)} test "
+        "images"
+    )
     base = make_classifier(loaded, args, data.classes)
     rows = []
     for j, method in enumerate(args.methods):
@@ -733,23 +828,40 @@ def run(args, log=_log) -> list:
         if args.compile:
             compile_backbone(model, args)
         names = list(randlora.adapters(model.backbone))
-        log(f"{label}: {randlora.trainable_parameters(model):,} trainable parameters"
-            + (f", r = {r}, {len(names)} adapted weights ({names[0]}, ...)" if names else ""))
+        log(
+            f"{label}: {randlora.trainable_parameters(model):,} trainable parameters"
+            + (f", r = {r}, {len(names)} adapted weights ({names[0]}, ...)" if names else "")
+        )
         stats = train(model, train_x, train_y, method, args, log, label)
         with torch.no_grad():
-            changes = {name: (u.delta_weight().norm() / w.norm()).item()
-                       for name, (u, w) in randlora.adapters(model.backbone).items()}
-        randlora.merge(model.backbone)                             # evaluate as deployed: no adapter cost
+            changes = {
+                name: (u.delta_weight().norm() / w.norm()).item()
+                for name, (u, w) in randlora.adapters(model.backbone).items()
+            }
+        randlora.merge(model.backbone)  # evaluate as deployed: no adapter cost
         graphs = compiled_graphs(args)
         accuracy, preds = evaluate(model, test_x, test_y, args, log, label)
         if args.compile:
-            log(f"{label}: evaluation compiled {compiled_graphs(args) - graphs} graph(s) (merged weights, no_grad)")
+            log(
+                f"{label}: evaluation compiled {compiled_graphs(args) - graphs} graph(s) (merged weights, "
+                "no_grad)"
+            )
         files = []
         if args.save_adapter and method in ADAPTER_METHODS:
             files.append(adapter_path(args.save_adapter, method, args))
-            randlora.save_adapter(model, files[0])                 # the adapters and the trained head
-        rows.append(dict(method=method, r=r, trainable=randlora.trainable_parameters(model), accuracy=accuracy,
-                         **stats, changes=changes, predictions=preds, files=files))
+            randlora.save_adapter(model, files[0])  # the adapters and the trained head
+        rows.append(
+            dict(
+                method=method,
+                r=r,
+                trainable=randlora.trainable_parameters(model),
+                accuracy=accuracy,
+                **stats,
+                changes=changes,
+                predictions=preds,
+                files=files,
+            )
+        )
         log(f"{label}: test accuracy {accuracy:.2%}")
         del model
         if torch.device(args.device).type == "cuda":
@@ -780,11 +892,15 @@ def format_table(rows, args) -> str:
     source = f", from {args.hub_dir}" if args.hub_dir else ""
     speed = ", bf16 autocast" if args.amp else ", float32"
     speed += f", torch.compile ({args.compile_backend})" if args.compile else ""
-    lines = [f"{spec.title} ({weights}{source}) on {data_spec.title}, {args.shots} training images per class, "
-             f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g} (full: {args.full_lr:g}, "
-             f"head: {args.head_lr:g}), {args.device}{speed}",
-             "", f"{'method':<10}{'r':>4}{'trainable':>13}{'test acc':>10}{'train time':>12}{'time / full':>13}"
-             + (f"{'compile':>10}{'recompiles':>12}" if args.compile else "") + f"{mem:>15}"]
+    lines = [
+        f"{spec.title} ({weights}{source}) on {data_spec.title}, {args.shots} training images per class, "
+        f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g} (full: {args.full_lr:g}, "
+        f"head: {args.head_lr:g}), {args.device}{speed}",
+        "",
+        f"{'method':<10}{'r':>4}{'trainable':>13}{'test acc':>10}{'train time':>12}{'time / full':>13}"
+        + (f"{'compile':>10}{'recompiles':>12}" if args.compile else "")
+        + f"{mem:>15}",
+    ]
     recompiled = False
     for x in rows:
         t = "-" if x["seconds"] is None else f"{x['seconds']:.1f} s"
@@ -793,25 +909,40 @@ def format_table(rows, args) -> str:
         c = "-" if x["compile"] is None else f"{x['compile']:.1f} s"
         rc = "-" if x["recompiles"] is None else str(x["recompiles"])
         m = "-" if x["memory"] is None else fmt_bytes(x["memory"])
-        lines.append(f"{x['method']:<10}{x['r'] or '-':>4}{x['trainable']:>13,}{x['accuracy']:>10.2%}{t:>12}"
-                     f"{time_ratio(x, rows):>13}{f'{c:>10}{rc:>12}' if args.compile else ''}{m:>15}")
-    lines += ["", "trainable: parameters that receive gradients, head included; r: LoRA's rank or RandLoRA's basis "
-              "rank (equal-parameter rank from rank_for_budget);",
-              "test acc: adapters merged into the weights; train time: wall clock of training only; time / full: "
-              "train time over full fine-tuning's (n/a: full not run);"]
+        lines.append(
+            f"{x['method']:<10}{x['r'] or '-':>4}{x['trainable']:>13,}{x['accuracy']:>10.2%}{t:>12}"
+            f"{time_ratio(x, rows):>13}{f'{c:>10}{rc:>12}' if args.compile else ''}{m:>15}"
+        )
+    lines += [
+        "",
+        "trainable: parameters that receive gradients, head included; r: LoRA's rank or RandLoRA's basis "
+        "rank (equal-parameter rank from rank_for_budget);",
+        "test acc: adapters merged into the weights; train time: wall clock of training only; time / full: "
+        "train time over full fine-tuning's (n/a: full not run);",
+    ]
     if args.compile:
-        lines.append("compile: wall time of the warm-up forward and backward that compiled the backbone, not in "
-                     "train time (evaluation's own compile, merged weights, is not timed); recompiles: frames "
-                     "torch.compile compiled again in the warm-up and training (a batch shape of its own is one);")
+        lines.append(
+            "compile: wall time of the warm-up forward and backward that compiled the backbone, not in "
+            "train time (evaluation's own compile, merged weights, is not timed); recompiles: frames "
+            "torch.compile compiled again in the warm-up and training (a batch shape of its own is one);"
+        )
     if recompiled:
-        lines.append("*: torch.compile also compiled inside the timed loop: "
-                     + ", ".join(f"{x['method']} {x['loop_compiles']} graph(s)" for x in rows if x["loop_compiles"])
-                     + "; that time is in train time;")
-    lines.append("memory: " + ("torch.cuda.max_memory_allocated while training." if cuda else
-                               "not measured with --compile on a CPU (the saved-tensor hook would be traced)."
-                               if args.compile else
-                               "bytes autograd saved for backward in one training step (parameters and buffers "
-                               "not counted)."))
+        lines.append(
+            "*: torch.compile also compiled inside the timed loop: "
+            + ", ".join(f"{x['method']} {x['loop_compiles']} graph(s)" for x in rows if x["loop_compiles"])
+            + "; that time is in train time;"
+        )
+    lines.append(
+        "memory: "
+        + (
+            "torch.cuda.max_memory_allocated while training."
+            if cuda
+            else "not measured with --compile on a CPU (the saved-tensor hook would be traced)."
+            if args.compile
+            else "bytes autograd saved for backward in one training step (parameters and buffers "
+            "not counted)."
+        )
+    )
     files = [f for x in rows for f in x["files"]]
     if files:
         lines.append("saved: " + ", ".join(files))
@@ -824,6 +955,7 @@ def format_table(rows, args) -> str:
 
 def _compile_backends(debug: bool = True) -> list:
     import torch._dynamo as dynamo
+
     return dynamo.list_backends(exclude_tags=() if debug else ("debug", "experimental"))
 
 
@@ -831,56 +963,121 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="dinov2-vits14", help="default: %(default)s")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10", help="default: %(default)s")
-    p.add_argument("--data-dir", metavar="DIR", default=default_data_dir(),
-                   help="where the tarball is cached and unpacked (default: %(default)s); a folder that already "
-                        "holds the unpacked cifar-10-batches-py/ or cifar-100-python/ is used as it is")
-    p.add_argument("--shots", metavar="N", type=int, default=16,
-                   help="training images per class (default: %(default)s)")
-    p.add_argument("--test-per-class", metavar="N", type=int, default=0,
-                   help="test images per class (default: 0, the whole test set)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS),
-                   help=f"any of {', '.join(METHODS)}, separated by spaces or commas (default: all)")
-    p.add_argument("--lora-rank", metavar="R", type=int, default=32,
-                   help="LoRA's rank; RandLoRA gets the same parameter count (default: %(default)s)")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=default_data_dir(),
+        help="where the tarball is cached and unpacked (default: %(default)s); a folder that already "
+        "holds the unpacked cifar-10-batches-py/ or cifar-100-python/ is used as it is",
+    )
+    p.add_argument(
+        "--shots", metavar="N", type=int, default=16, help="training images per class (default: %(default)s)"
+    )
+    p.add_argument(
+        "--test-per-class",
+        metavar="N",
+        type=int,
+        default=0,
+        help="test images per class (default: 0, the whole test set)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        help=f"any of {', '.join(METHODS)}, separated by spaces or commas (default: all)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        metavar="R",
+        type=int,
+        default=32,
+        help="LoRA's rank; RandLoRA gets the same parameter count (default: %(default)s)",
+    )
     p.add_argument("--epochs", type=int, default=10, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=32, help="default: %(default)s (evaluation: 4x)")
-    p.add_argument("--scaling", choices=randlora.SCALINGS, default="peft",
-                   help="RandLoRA's scale and gam init (randlora.py's docstring): peft, alpha = 20r (PEFT's "
-                        "default), s = alpha / r, gam from 1/k; or paper, alpha = 2r, s = alpha / (r sqrt(n)), gam "
-                        "from 1/D (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3,
-                   help="Adam learning rate of the LoRA and RandLoRA adapters (default: %(default)s)")
-    p.add_argument("--full-lr", type=float, default=1e-5,
-                   help="learning rate of the backbone in full fine-tuning (default: %(default)s)")
-    p.add_argument("--head-lr", type=float, default=1e-3,
-                   help="learning rate of DINOv2's linear head (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="bf16 autocast for the training and evaluation forward passes; weights, adapters and "
-                        "optimiser state stay float32 (default: on for CUDA, off otherwise)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbone; the compile time is measured in a warm-up step and reported "
-                        "apart from train time")
-    p.add_argument("--compile-backend", metavar="NAME", default="inductor",
-                   help="torch.compile backend for --compile (default: %(default)s; aot_eager needs no C++ compiler)")
-    p.add_argument("--hub-dir", metavar="DIR", help="load dinov2_vits14 from this local copy of the DINOv2 hub "
-                   "repository (torch.hub source='local') instead of GitHub")
-    p.add_argument("--random-init", action="store_true", help="the same architecture without pretrained weights")
-    p.add_argument("--save-adapter", metavar="FILE",
-                   help="write each adapter method's checkpoint, DINOv2's trained head included, to one file "
-                        "(randlora.save_adapter); with both lora and randlora the method goes into the name; "
-                        "none and full write nothing")
+    p.add_argument(
+        "--scaling",
+        choices=randlora.SCALINGS,
+        default="peft",
+        help="RandLoRA's scale and gam init (randlora.py's docstring): peft, alpha = 20r (PEFT's "
+        "default), s = alpha / r, gam from 1/k; or paper, alpha = 2r, s = alpha / (r sqrt(n)), gam "
+        "from 1/D (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="Adam learning rate of the LoRA and RandLoRA adapters (default: %(default)s)",
+    )
+    p.add_argument(
+        "--full-lr",
+        type=float,
+        default=1e-5,
+        help="learning rate of the backbone in full fine-tuning (default: %(default)s)",
+    )
+    p.add_argument(
+        "--head-lr",
+        type=float,
+        default=1e-3,
+        help="learning rate of DINOv2's linear head (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s"
+    )
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 autocast for the training and evaluation forward passes; weights, adapters and "
+        "optimiser state stay float32 (default: on for CUDA, off otherwise)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the backbone; the compile time is measured in a warm-up step and reported "
+        "apart from train time",
+    )
+    p.add_argument(
+        "--compile-backend",
+        metavar="NAME",
+        default="inductor",
+        help="torch.compile backend for --compile (default: %(default)s; aot_eager needs no C++ compiler)",
+    )
+    p.add_argument(
+        "--hub-dir",
+        metavar="DIR",
+        help="load dinov2_vits14 from this local copy of the DINOv2 hub "
+        "repository (torch.hub source='local') instead of GitHub",
+    )
+    p.add_argument(
+        "--random-init", action="store_true", help="the same architecture without pretrained weights"
+    )
+    p.add_argument(
+        "--save-adapter",
+        metavar="FILE",
+        help="write each adapter method's checkpoint, DINOv2's trained head included, to one file "
+        "(randlora.save_adapter); with both lora and randlora the method goes into the name; "
+        "none and full write nothing",
+    )
     p.add_argument("--image-size", metavar="S", type=int, help="input resolution (default: the model's, 224)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds the few-shot subset, batches, head, adapters, random init (default: %(default)s)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the few-shot subset, batches, head, adapters, random init (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     args.methods = [m for item in args.methods for m in item.split(",") if m]
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods or len(set(args.methods)) != len(args.methods):
         p.error(f"--methods: choose distinct methods from {', '.join(METHODS)}, got {' '.join(args.methods)}")
-    for flag, value, low in (("--shots", args.shots, 1), ("--test-per-class", args.test_per_class, 0),
-                             ("--lora-rank", args.lora_rank, 1), ("--epochs", args.epochs, 1),
-                             ("--batch-size", args.batch_size, 1), ("--seed", args.seed, 0)):
+    for flag, value, low in (
+        ("--shots", args.shots, 1),
+        ("--test-per-class", args.test_per_class, 0),
+        ("--lora-rank", args.lora_rank, 1),
+        ("--epochs", args.epochs, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--seed", args.seed, 0),
+    ):
         if value < low:
             p.error(f"{flag} must be >= {low}, got {value}")
     if args.image_size is not None and args.image_size < 1:
@@ -897,8 +1094,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.amp is None:
         args.amp = device.type == "cuda"
     if args.compile and args.compile_backend not in _compile_backends():
-        p.error(f"--compile-backend {args.compile_backend!r} is not a torch.compile backend; choose one of "
-                f"{', '.join(_compile_backends(debug=False))}, or eager, aot_eager to debug")
+        p.error(
+            f"--compile-backend {args.compile_backend!r} is not a torch.compile backend; choose one of "
+            f"{', '.join(_compile_backends(debug=False))}, or eager, aot_eager to debug"
+        )
     if args.hub_dir and args.model != "dinov2-vits14":
         p.error("--hub-dir loads DINOv2 only; CLIP comes through open_clip")
     if args.save_adapter:
@@ -913,7 +1112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if torch.device(args.device).type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True               # Ampere and newer: TF32 matmuls, ~2x faster
+        torch.backends.cuda.matmul.allow_tf32 = True  # Ampere and newer: TF32 matmuls, ~2x faster
         torch.backends.cudnn.allow_tf32 = True
     t0 = time.perf_counter()
     try:
