@@ -15,8 +15,8 @@ Symbols and shapes (the letters of every shape comment below):
     B          (n, D, r)    = B_full[:n, :D, :]    B_b = B[b];  Bcat = [B_1 .. B_n]  (D, m)
     lam, gam   (n, r), (n, k)   trainable, init 0 and gam0: the diagonals of Lambda_b, Gamma_b
     s, gam0    by the convention `scaling` names (lam = 0 makes the patched model the base model):
-                 "paper" (default)  s = alpha / (r sqrt(n)),  gam0 = 1/D   [1, app. C.4, and the authors' code]
-                 "peft"             s = alpha / r,            gam0 = 1/k   [4]; its default alpha = 20r: s = 20
+               "paper" (default)  s = alpha / (r sqrt(n)),  gam0 = 1/D   [1, app. C.4, and the authors' code]
+               "peft"             s = alpha / r,            gam0 = 1/k   [4]; its default alpha = 20r: s = 20
 A_full (r, k_max) and B_full (n_max, D_max, r) are drawn once per model; layers read views.
 
 "paper" divides alpha / r by sqrt(n), as a sum of n independent random rank-r terms grows like
@@ -60,6 +60,7 @@ References
         1 / max(gamma.shape); config.py: randlora_alpha = 640 for r = 32).
     [5] P. Albert, "Questions about scaling", github.com/PaulAlbert31/RandLoRA/issues/1, July 2025.
 """
+
 import contextlib
 import functools
 import hashlib
@@ -75,52 +76,82 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 __all__ = [
-    "AdapterConfig", "make_bases", "SharedBases", "RandLoRAFunction", "RandLoRA", "LoRA", "RandLoRALinear",
-    "LoRALinear", "add_randlora", "add_lora", "adapters", "adapter_config", "rank_for_budget",
-    "trainable_parameters", "merge", "unmerge", "unload", "disable_adapters", "adapter_state_dict",
-    "load_adapter_state_dict", "save_adapter", "load_adapter", "FORMAT_VERSION", "BASES", "PATHS", "SCALINGS",
+    "AdapterConfig",
+    "make_bases",
+    "SharedBases",
+    "RandLoRAFunction",
+    "RandLoRA",
+    "LoRA",
+    "RandLoRALinear",
+    "LoRALinear",
+    "add_randlora",
+    "add_lora",
+    "adapters",
+    "adapter_config",
+    "rank_for_budget",
+    "trainable_parameters",
+    "merge",
+    "unmerge",
+    "unload",
+    "disable_adapters",
+    "adapter_state_dict",
+    "load_adapter_state_dict",
+    "save_adapter",
+    "load_adapter",
+    "FORMAT_VERSION",
+    "BASES",
+    "PATHS",
+    "SCALINGS",
 ]
 
-FORMAT_VERSION = 3          # 3: safetensors files; 2: torch.save, s = alpha / (r sqrt(n)), gam 1/D; 1: alpha / r, 1/k
+# 3: safetensors files; 2: torch.save, s = alpha / (r sqrt(n)), gam 1/D; 1: alpha / r, 1/k
+FORMAT_VERSION = 3
 BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
 PATHS = ("auto", "materialised", "factored")
 SCALINGS = ("paper", "peft")
 
 # ---- Configuration ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Everything needed to patch a model again: saved in every adapter file."""
 
-    method: str                          # "randlora" or "lora"
-    r: int                               # rank of each random basis (RandLoRA) / of the update (LoRA)
-    alpha: float                         # RandLoRA: s = alpha / (r sqrt(n)) or alpha / r (by scaling); LoRA: alpha / r
-    basis: str = "uniform"               # distribution of the frozen bases (RandLoRA only)
-    seed: int = 0                        # seeds the bases (RandLoRA) or LoRA's A
-    dropout: float = 0.0                 # dropout on the adapter branch's input while training
-    target_modules: tuple = ()           # qualified names (or dotted suffixes) of nn.Linear / Conv1D
-    target_parameters: tuple = ()        # qualified names (or suffixes) of raw 2-D weight Parameters
-    trainable: tuple = ()                # modules left trainable and saved with the adapter (a head)
-    scaling: str = "paper"               # RandLoRA's s and gam0: "paper" or "peft" (the docstring); not LoRA's
+    method: str  # "randlora" or "lora"
+    r: int  # rank of each random basis (RandLoRA) / of the update (LoRA)
+    alpha: float  # RandLoRA: s = alpha / (r sqrt(n)) or alpha / r (by scaling); LoRA: alpha / r
+    basis: str = "uniform"  # distribution of the frozen bases (RandLoRA only)
+    seed: int = 0  # seeds the bases (RandLoRA) or LoRA's A
+    dropout: float = 0.0  # dropout on the adapter branch's input while training
+    target_modules: tuple = ()  # qualified names (or dotted suffixes) of nn.Linear / Conv1D
+    target_parameters: tuple = ()  # qualified names (or suffixes) of raw 2-D weight Parameters
+    trainable: tuple = ()  # modules left trainable and saved with the adapter (a head)
+    scaling: str = "paper"  # RandLoRA's s and gam0: "paper" or "peft" (the docstring); not LoRA's
+
 
 # ---- Frozen random bases ---------------------------------------------------------------
 
+
 def _sample(shape, basis: str, D_max: int, gen: torch.Generator) -> torch.Tensor:
-    if basis == "uniform":                                   # U(-sqrt3, sqrt3): unit variance
+    if basis == "uniform":  # U(-sqrt3, sqrt3): unit variance
         return (torch.rand(shape, generator=gen) * 2 - 1) * math.sqrt(3)
     if basis == "normal":
         return torch.randn(shape, generator=gen)
-    s = {"binary": 1.0, "sparse": 3.0, "very_sparse": math.sqrt(D_max)}[basis]   # Li et al.'s s [2]
-    u = torch.rand(shape, generator=gen)                     # sqrt(s) {-1, 0, 1} w.p. 1/2s, 1-1/s, 1/2s
+    s = {"binary": 1.0, "sparse": 3.0, "very_sparse": math.sqrt(D_max)}[basis]  # Li et al.'s s [2]
+    u = torch.rand(shape, generator=gen)  # sqrt(s) {-1, 0, 1} w.p. 1/2s, 1-1/s, 1/2s
     return math.sqrt(s) * ((u < 0.5 / s).float() - (u >= 1 - 0.5 / s).float())
 
+
 def make_bases(r: int, k_max: int, D_max: int, basis: str = "uniform", seed: int = 0):
-    """A_full (r, k_max) and B_full (n_max, D_max, r), float32, the same bits for a seed on any hardware (drawn
-    on the CPU from their own generator, A first). B_full is D-major: each layer's Bcat (D, m) is a view."""
+    """A_full (r, k_max) and B_full (n_max, D_max, r), float32, the same bits for a seed on any hardware
+    (drawn on the CPU from their own generator, A first). B_full is D-major: each layer's Bcat (D, m) is a
+    view."""
     gen = torch.Generator("cpu").manual_seed(seed)
-    A = _sample((r, k_max), basis, D_max, gen)                          # (r, k_max)
-    B = _sample((math.ceil(k_max / r), D_max, r), basis, D_max, gen)    # (n_max, D_max, r)
-    return A, B.transpose(0, 1).contiguous().transpose(0, 1)           # strides (r, n_max r, 1)
+    A = _sample((r, k_max), basis, D_max, gen)  # (r, k_max)
+    B = _sample((math.ceil(k_max / r), D_max, r), basis, D_max, gen)  # (n_max, D_max, r)
+    B = B.transpose(0, 1).contiguous().transpose(0, 1)  # (n_max, D_max, r), strides (r, n_max r, 1)
+    return A, B
+
 
 def _bases_dtype(weight_dtypes: set) -> torch.dtype:
     """The bases' dtype: the targets' one dtype, or the widest of several (float32 at least)."""
@@ -140,9 +171,9 @@ class SharedBases(nn.Module):
     def __init__(self, A: torch.Tensor, B: torch.Tensor, config: AdapterConfig):
         super().__init__()
         self.config = config
-        self.layers = []                                                # RandLoRA layers: plain references
-        self.register_buffer("A", A, persistent=False)                  # (r, k_max)
-        self.register_buffer("B", B, persistent=False)                  # (n_max, D_max, r)
+        self.layers = []  # RandLoRA layers: plain references
+        self.register_buffer("A", A, persistent=False)  # (r, k_max)
+        self.register_buffer("B", B, persistent=False)  # (n_max, D_max, r)
 
     def redraw(self, dtype: torch.dtype) -> None:
         """Draw A_full and B_full again from the config's seed, in `dtype`, where they are now."""
@@ -156,7 +187,7 @@ class SharedBases(nn.Module):
         if self.layers and not self.B.is_meta:
             wanted = _bases_dtype({layer.base_weight().dtype for layer in self.layers})
             if torch.finfo(wanted).bits > torch.finfo(self.B.dtype).bits:
-                self.redraw(wanted)                                     # never widen rounded values
+                self.redraw(wanted)  # never widen rounded values
             elif wanted != self.B.dtype:
                 self.A = self.A.to(wanted)
                 self.B = self.B.to(wanted)
@@ -168,79 +199,100 @@ class SharedBases(nn.Module):
         before = None if self.B.is_meta else self.B.data_ptr()
         super()._apply(fn, *args, **kwargs)
         if self.layers and not self.B.is_meta and self.B.data_ptr() != before:
-            self.redraw(self.B.dtype)                                   # new memory: to_empty leaves it uninitialised
+            self.redraw(self.B.dtype)  # new memory: to_empty leaves it uninitialised
         self.fit()
         return self
 
+
 # ---- The memory-saving autograd function -----------------------------------------------
 # DeltaW is formed by _delta only. With H = Bcat^T G_U (m, k), G_U the (D, k) dL/dU, U = s Bcat LQ:
-#   dL/dlam[b, i] = s sum_c H[b r + i, c] A[i, c] gam[b, c],   dL/dgam[b, c] = s sum_i H[b r + i, c] A[i, c] lam[b, i]
+#   dL/dlam[b, i] = s sum_c H[b r + i, c] A[i, c] gam[b, c]
+#   dL/dgam[b, c] = s sum_i H[b r + i, c] A[i, c] lam[b, i]
+
 
 def _lq(lam, gam, A):
     """LQ = diag(lam) [A diag(gam_1); ..; A diag(gam_n)] (m, k): U = s Bcat LQ."""
-    return (lam.unsqueeze(2) * gam.unsqueeze(1) * A).view(-1, A.shape[1])   # (n, r, k) -> (m, k)
+    return (lam.unsqueeze(2) * gam.unsqueeze(1) * A).view(-1, A.shape[1])  # (n, r, k) -> (m, k)
 
-def _addmm(base, L, R, s):                                              # base + s L R (s L R if no base)
+
+def _addmm(base, L, R, s):  # base + s L R (s L R if no base)
     return torch.mm(L, R).mul_(s) if base is None else torch.addmm(base, L, R, alpha=s)
+
 
 def _delta(Bcat, LQ, s, transposed, base=None):
     """(base +) DeltaW = s Bcat LQ, (out, in): eq. 4's one implementation, which all others call."""
     return _addmm(base, LQ.T, Bcat.T, s) if transposed else _addmm(base, Bcat, LQ, s)
 
-def _to(t, dt):                                 # t in dtype dt, skipping a no-op .to() (it costs ~1 us)
+
+def _to(t, dt):  # t in dtype dt, skipping a no-op .to() (it costs ~1 us)
     return t if t is None or t.dtype is dt else t.to(dt)
 
-def _wide(dt):                                  # float32, or dt where wider: masters and merges
+
+def _wide(dt):  # float32, or dt where wider: masters and merges
     return torch.promote_types(dt, torch.float32)
 
-def _flat(t, dt):                               # t as (T, features) in dtype dt, with no op where it is
+
+def _flat(t, dt):  # t as (T, features) in dtype dt, with no op where it is
     return _to(t if t.dim() == 2 else t.reshape(-1, t.shape[-1]), dt)
+
 
 def _compute_dtype(x, weight) -> torch.dtype:
     """The dtype F.linear(x, weight) computes in: autocast's for float16/32 tensors (it leaves float64
     alone), else the tensors' own; a TypeError where F.linear would refuse the pair."""
     dev = x.device.type
     autocast = not x.is_meta and torch.is_autocast_enabled(dev)
+
     def cast(t):
         return torch.get_autocast_dtype(dev) if autocast and t.dtype != torch.float64 else t.dtype
+
     if weight is not None and cast(x) != cast(weight):
-        raise TypeError(f"input is {x.dtype} but the layer's weight is {weight.dtype}; nn.Linear refuses mixed "
-                        "dtypes too: cast the input (or the model), or run under torch.autocast")
+        raise TypeError(
+            f"input is {x.dtype} but the layer's weight is {weight.dtype}; nn.Linear refuses mixed "
+            "dtypes too: cast the input (or the model), or run under torch.autocast"
+        )
     return cast(x)
 
 
 class RandLoRAFunction(torch.autograd.Function):
     """y = x W^T + bias + x DeltaW^T (`weight=None`: the update alone; the path is the caller's). Saves x, and
-    references to what exists anyway; DeltaW, W + DeltaW, G and the (T, m) projections are formed in backward."""
+    references to what exists anyway; DeltaW, W + DeltaW, G and the (T, m) projections are formed in
+    backward."""
 
-    generate_vmap_rule = True                                           # torch.func.vmap runs it per sample
+    generate_vmap_rule = True  # torch.func.vmap runs it per sample
 
     @classmethod
     def apply(cls, *args):
-        # With setup_context defined, Function.apply binds default arguments through inspect.signature on every
-        # call (20-50 us, more than the layer's own work at small T). Every argument here is positional, so
-        # outside torch.func transforms the C++ apply is called directly; torch.compile traces the usual apply.
+        # With setup_context defined, Function.apply binds default arguments through inspect.signature on
+        # every call (20-50 us, more than the layer's own work at small T). Every argument here is positional,
+        # so outside torch.func transforms the C++ apply is called directly; torch.compile traces the usual
+        # apply.
         if torch._C._are_functorch_transforms_active():
             return super().apply(*args)
         return super(torch.autograd.Function, cls).apply(*args)
 
     @staticmethod
     def forward(x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
-        dt = _compute_dtype(x, weight)                                  # autocast decides, else x
-        x2, Bc, LQ = _flat(x, dt), _to(Bcat, dt), _to(_lq(lam, gam, A), dt)   # (T, in), (D, m), (m, k)
-        w, b = _to(weight, dt), _to(bias, dt)                           # (out, in), (out,)
+        dt = _compute_dtype(x, weight)  # autocast decides, else x
+        x2 = _flat(x, dt)  # (T, in)
+        Bc = _to(Bcat, dt)  # (D, m)
+        LQ = _to(_lq(lam, gam, A), dt)  # (m, k)
+        w = _to(weight, dt)  # (out, in)
+        b = _to(bias, dt)  # (out,)
         if materialise:
-            y = F.linear(x2, _delta(Bc, LQ, scale, transposed, w), b)   # (T, out)
-        else:                                                           # x DeltaW^T = (x L) R
-            L, R = (Bc, LQ) if transposed else (LQ.T, Bc.T)             # (in, m), (m, out)
-            y = _addmm(None if w is None else F.linear(x2, w, b), x2 @ L, R, scale)   # (T, out)
+            y = F.linear(x2, _delta(Bc, LQ, scale, transposed, w), b)  # (T, out)
+        else:  # x DeltaW^T = (x L) R
+            L, R = (Bc, LQ) if transposed else (LQ.T, Bc.T)  # (in, m), (m, out)
+            base = None if w is None else F.linear(x2, w, b)  # (T, out)
+            y = _addmm(base, x2 @ L, R, scale)  # (T, out)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise = inputs
-        ctx.save_for_backward(x, weight, bias, lam, gam, A, Bcat)      # x, and what exists anyway
-        ctx.scale, ctx.transposed, ctx.materialise = scale, transposed, materialise
+        ctx.save_for_backward(x, weight, bias, lam, gam, A, Bcat)  # x, and what exists anyway
+        ctx.scale = scale
+        ctx.transposed = transposed
+        ctx.materialise = materialise
         ctx.dtype = _compute_dtype(x, weight)
 
     @staticmethod
@@ -248,41 +300,69 @@ class RandLoRAFunction(torch.autograd.Function):
         x, weight, bias, lam, gam, A, Bcat = ctx.saved_tensors
         need_x, need_w, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
         s, tr, dt = ctx.scale, ctx.transposed, ctx.dtype
-        x2, gy2, Bc, w = _flat(x, dt), _flat(gy, dt), _to(Bcat, dt), _to(weight, dt)   # (T, in), (T, out), (D, m)
-        LQ = _to(_lq(lam, gam, A), dt) if need_x else None              # (m, k)
+        x2 = _flat(x, dt)  # (T, in)
+        gy2 = _flat(gy, dt)  # (T, out)
+        Bc = _to(Bcat, dt)  # (D, m)
+        w = _to(weight, dt)  # (out, in)
+        LQ = _to(_lq(lam, gam, A), dt) if need_x else None  # (m, k)
         gx = glam = ggam = None
-        by_weight = ctx.materialise and x2.shape[0] >= Bc.shape[0]     # H from G if T >= D, else tokens
-        G = gy2.T @ x2 if need_w or (by_weight and (need_lam or need_gam)) else None   # (out, in)
-        Z = None if by_weight else (x2 if tr else gy2) @ Bc            # (T, m)
+        by_weight = ctx.materialise and x2.shape[0] >= Bc.shape[0]  # H from G if T >= D, else tokens
+        G = Z = None
+        if need_w or (by_weight and (need_lam or need_gam)):
+            G = gy2.T @ x2  # (out, in)
+        if not by_weight:
+            Z = (x2 if tr else gy2) @ Bc  # (T, m)
         if need_lam or need_gam:
-            H = Bc.T @ (G.T if tr else G) if by_weight else Z.T @ (gy2 if tr else x2)   # (m, k) = Bcat^T G_U
+            if by_weight:
+                H = Bc.T @ (G.T if tr else G)  # (m, k) = Bcat^T G_U
+            else:
+                H = Z.T @ (gy2 if tr else x2)  # (m, k) = Bcat^T G_U
             HA = _to(H.view(*lam.shape, -1), lam.dtype).mul_(s).mul_(A)  # (n, r, k): dL/dLQ * A
-            glam, ggam = (HA * gam.unsqueeze(1)).sum(2), (HA * lam.unsqueeze(2)).sum(1)   # (n, r), (n, k)
-        if need_x and ctx.materialise:                                  # through W + DeltaW, formed again
-            gx = gy2 @ _delta(Bc, LQ, s, tr, w)                         # (T, in)
-        elif need_x:                                                    # through the factors
-            gyW = None if w is None else gy2 @ w                        # (T, in)
+            glam = (HA * gam.unsqueeze(1)).sum(2)  # (n, r)
+            ggam = (HA * lam.unsqueeze(2)).sum(1)  # (n, k)
+        if need_x and ctx.materialise:  # through W + DeltaW, formed again
+            gx = gy2 @ _delta(Bc, LQ, s, tr, w)  # (T, in)
+        elif need_x:  # through the factors
+            gyW = None if w is None else gy2 @ w  # (T, in)
             gx = _addmm(gyW, gy2 @ LQ.T, Bc.T, s) if tr else _addmm(gyW, Z, LQ, s)
-        gx = _to(gx if x.dim() == 2 else gx.reshape(x.shape), x.dtype) if need_x else None
+        if need_x:
+            gx = _to(gx if x.dim() == 2 else gx.reshape(x.shape), x.dtype)  # (..., in)
         gw = _to(G, weight.dtype) if need_w else None
-        gb = _to(gy2.sum(0), bias.dtype) if need_b else None            # (out,)
+        gb = _to(gy2.sum(0), bias.dtype) if need_b else None  # (out,)
         return gx, gw, gb, glam, ggam, None, None, None, None, None
 
+
 # ---- Layers ----------------------------------------------------------------------------
-# RandLoRA, LoRA: the update of one weight, a parametrization W -> W + DeltaW; *Linear: an nn.Linear with it, x -> y.
+# RandLoRA, LoRA: the update of one weight, a parametrization W -> W + DeltaW;
+# *Linear: an nn.Linear with it, x -> y.
+
 
 def _trainables(u) -> dict:
-    return {"lam": u.lam, "gam": u.gam} if isinstance(u, RandLoRA) else {"lora_A": u.lora_A, "lora_B": u.lora_B}
+    if isinstance(u, RandLoRA):
+        return {"lam": u.lam, "gam": u.gam}
+    return {"lora_A": u.lora_A, "lora_B": u.lora_B}
 
-_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
-          "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 class _Update(nn.Module):
-    """What RandLoRA and LoRA share. state_dict records a merge (`merged_flag`, `<name>_merged`): unmerge takes
-    out what merge put in, even if an optimizer moved the trainables since. They stay float32 through .half(),
-    and come back at their initial values from `to_empty` after the meta device."""
+    """What RandLoRA and LoRA share. state_dict records a merge (`merged_flag`, `<name>_merged`): unmerge
+    takes out what merge put in, even if an optimizer moved the trainables since. They stay float32 through
+    .half(), and come back at their initial values from `to_empty` after the meta device."""
 
     def __init__(self, fan_in_fan_out: bool, **trainables):
         super().__init__()
@@ -291,7 +371,7 @@ class _Update(nn.Module):
         self.disabled = False
         device = next(iter(trainables.values())).device
         self.register_buffer("merged_flag", torch.tensor(False, device=device))
-        for name, t in trainables.items():                              # and what the last merge used
+        for name, t in trainables.items():  # and what the last merge used
             setattr(self, name, nn.Parameter(t))
             self.register_buffer(name + "_merged", torch.zeros_like(t))
 
@@ -299,8 +379,8 @@ class _Update(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self.merged = bool(self.merged_flag)
         shared = getattr(self, "_shared", None)
-        if shared is not None and shared.B.is_meta and not self.merged_flag.is_meta:   # assign=True from meta
-            shared.to_empty(device=self.merged_flag.device)             # drawn again from the seed
+        if shared is not None and shared.B.is_meta and not self.merged_flag.is_meta:  # assign=True from meta
+            shared.to_empty(device=self.merged_flag.device)  # drawn again from the seed
 
     def _apply(self, fn, *args, **kwargs):
         was_meta = self.merged_flag.is_meta
@@ -310,14 +390,14 @@ class _Update(nn.Module):
                 t = getattr(self, key)
                 keep[key] = (t.data, None if t.grad is None else t.grad.data)
         super()._apply(fn, *args, **kwargs)
-        if isinstance(self, RandLoRA):                                  # its weight may have changed dtype
+        if isinstance(self, RandLoRA):  # its weight may have changed dtype
             self._shared.fit()
         for key, (data, grad) in keep.items():
             t = getattr(self, key)
-            if t.element_size() < 4 and not data.is_meta:               # moved, but kept float32 or wider
+            if t.element_size() < 4 and not data.is_meta:  # moved, but kept float32 or wider
                 t.data = data.to(t.device)
                 t.grad = None if grad is None else grad.to(t.device)
-        if was_meta and not self.merged_flag.is_meta:                   # to_empty: uninitialised memory
+        if was_meta and not self.merged_flag.is_meta:  # to_empty: uninitialised memory
             self.reset_parameters()
         return self
 
@@ -336,8 +416,8 @@ class _Update(nn.Module):
         self.bias = base.bias
         self.dropout = nn.Dropout(dropout)
         if self.fan_in_fan_out:
-            self.nf = base.nf                                           # what Conv1D's forward reads
-        object.__setattr__(self, "base_layer", base)                    # not a child: no copies
+            self.nf = base.nf  # what Conv1D's forward reads
+        object.__setattr__(self, "base_layer", base)  # not a child: no copies
         self.train(base.training)
         _move_hooks(base, self)
 
@@ -361,7 +441,7 @@ def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
     for attr in _HOOKS:
         if hasattr(src, attr):
             setattr(dst, attr, getattr(src, attr))
-    if "forward" in vars(src) and hasattr(src, "_hf_hook"):             # accelerate: partial(new_forward, src)
+    if "forward" in vars(src) and hasattr(src, "_hf_hook"):  # accelerate: partial(new_forward, src)
         dst._hf_hook = src._hf_hook
         dst._old_forward = type(dst).forward.__get__(dst)
         dst.forward = functools.partial(vars(src)["forward"].func, dst)
@@ -370,29 +450,40 @@ def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
 
 
 class RandLoRA(_Update):
-    """The update of one frozen weight (lam, gam, views of the bases); alone, a parametrization W -> W + DeltaW."""
+    """The update of one frozen weight (lam, gam, views of the bases); alone, a parametrization W -> W +
+    DeltaW."""
 
     def __init__(self, weight, bases: SharedBases, r, alpha, fan_in_fan_out=False, scaling="paper"):
         if scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
-        k, D, tr = min(in_f, out_f), max(in_f, out_f), in_f > out_f
-        n, m = math.ceil(k / r), math.ceil(k / r) * r
-        if scaling == "paper":
-            s, gam0 = alpha / (r * math.sqrt(n)), 1 / D                # [1, app. C.4]
-        else:
-            s, gam0 = alpha / r, 1 / k                                  # Hugging Face PEFT's [4]
-        kw = dict(device=weight.device, dtype=_wide(weight.dtype))     # float32 masters for bf16/fp16
-        super().__init__(fan_in_fan_out, lam=torch.zeros(n, r, **kw),  # (n, r)
-                         gam=torch.full((n, k), gam0, **kw))           # (n, k)
-        self.k, self.D, self.r, self.n, self.transposed = k, D, r, n, tr
+        k = min(in_f, out_f)
+        D = max(in_f, out_f)
+        tr = in_f > out_f
+        n = math.ceil(k / r)
+        m = n * r
+        if scaling == "paper":  # [1, app. C.4]
+            s = alpha / (r * math.sqrt(n))
+            gam0 = 1 / D
+        else:  # Hugging Face PEFT's [4]
+            s = alpha / r
+            gam0 = 1 / k
+        kw = dict(device=weight.device, dtype=_wide(weight.dtype))  # float32 masters for bf16/fp16
+        lam = torch.zeros(n, r, **kw)  # (n, r)
+        gam = torch.full((n, k), gam0, **kw)  # (n, k)
+        super().__init__(fan_in_fan_out, lam=lam, gam=gam)
+        self.k = k
+        self.D = D
+        self.r = r
+        self.n = n
+        self.transposed = tr
         self.scale = s
         self.gam0 = gam0
-        self.threshold_inference = math.ceil(D * k * m / (D * m + k * m))          # see the docstring
+        self.threshold_inference = math.ceil(D * k * m / (D * m + k * m))  # see the docstring
         self.threshold_training = math.ceil(2 * D * k * m / ((1 + tr) * D * m + 2 * k * m))
-        object.__setattr__(self, "_shared", bases)                      # a reference, not a child
-        object.__setattr__(self, "_owner", None)                        # set when it parametrizes a weight
-        self.fitted_dtype = weight.dtype                                # the weight's dtype the bases last fitted
+        object.__setattr__(self, "_shared", bases)  # a reference, not a child
+        object.__setattr__(self, "_owner", None)  # set when it parametrizes a weight
+        self.fitted_dtype = weight.dtype  # the weight's dtype the bases last fitted
         bases.layers.append(self)
         self.views(remake=True)
 
@@ -407,65 +498,82 @@ class RandLoRA(_Update):
         return getattr(owner.parametrizations, name).original
 
     def views(self, remake=False):
-        """A (r, k), Bcat (D, m): views of the shared bases, made again once those move (.to(), FSDP's .data)."""
-        B = self._shared.B                                              # (n_max, D_max, r)
+        """A (r, k), Bcat (D, m): views of the shared bases, made again once those move (.to(), FSDP's
+        .data)."""
+        B = self._shared.B  # (n_max, D_max, r)
         if remake or self.Bcat.device != B.device or self.Bcat.dtype != B.dtype:
-            self.A = self._shared.A[:, : self.k]                                # (r, k)
+            self.A = self._shared.A[:, : self.k]  # (r, k)
             self.Bcat = B[: self.n, : self.D].transpose(0, 1).reshape(self.D, -1)  # (D, m), a view
         return self.A, self.Bcat
 
     def delta_weight(self, at_merge=False) -> torch.Tensor:
         """DeltaW in the base weight's layout ((in, out) for a Conv1D); `at_merge`: as last merged."""
-        lam, gam = (self.lam_merged, self.gam_merged) if at_merge else (self.lam, self.gam)
+        if at_merge:
+            lam, gam = self.lam_merged, self.gam_merged  # (n, r), (n, k)
+        else:
+            lam, gam = self.lam, self.gam
         if self.base_weight().dtype != self.fitted_dtype:
             self._shared.fit()
         A, Bcat = self.views()
         dt = torch.promote_types(lam.dtype, A.dtype)
         dw = _delta(Bcat.to(dt), _lq(lam, gam, A).to(dt), self.scale, self.transposed)
-        return dw.T if self.fan_in_fan_out else dw                     # (out, in) or (in, out)
+        return dw.T if self.fan_in_fan_out else dw  # (out, in) or (in, out)
 
-    def forward(self, W):                                               # as a parametrization
+    def forward(self, W):  # as a parametrization
         if self.merged or self.disabled:
             return W
-        if W.dtype != self.fitted_dtype:                                # cast after the bases were fitted
+        if W.dtype != self.fitted_dtype:  # cast after the bases were fitted
             self._shared.fit()
-        A, Bcat = self.views()                                          # autograd keeps these views, lam and gam
-        dt = torch.promote_types(W.dtype, A.dtype)                      # W's, unless the bases are wider
-        with contextlib.nullcontext() if W.is_meta else torch.autocast(W.device.type, enabled=False):   # W's dtype
-            return _to(_delta(_to(Bcat, dt), _to(_lq(self.lam, self.gam, A), dt), self.scale, self.transposed,
-                              _to(W, dt)), W.dtype)
+        A, Bcat = self.views()  # autograd keeps these views, lam and gam
+        dt = torch.promote_types(W.dtype, A.dtype)  # W's, unless the bases are wider
+        # in W's dtype, not autocast's
+        no_autocast = contextlib.nullcontext() if W.is_meta else torch.autocast(W.device.type, enabled=False)
+        with no_autocast:
+            Bc = _to(Bcat, dt)  # (D, m)
+            LQ = _to(_lq(self.lam, self.gam, A), dt)  # (m, k)
+            return _to(_delta(Bc, LQ, self.scale, self.transposed, _to(W, dt)), W.dtype)  # W + DeltaW
 
 
 class LoRA(_Update):
-    """The baseline DeltaW = (alpha / r) lora_B lora_A; lora_B (out, r) starts at 0, lora_A (r, in) U(+-1/sqrt(in))."""
+    """The baseline DeltaW = (alpha / r) lora_B lora_A; lora_B (out, r) starts at 0, lora_A (r, in)
+    U(+-1/sqrt(in))."""
 
     def __init__(self, weight, r, alpha, gen: torch.Generator, fan_in_fan_out=False):
         out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
         kw = dict(device=weight.device, dtype=_wide(weight.dtype))
-        draw_state = gen.get_state()                               # to draw lora_A again after to_empty
-        a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)     # (r, in)
-        super().__init__(fan_in_fan_out, lora_A=a.to(**kw), lora_B=torch.zeros(out_f, r, **kw))   # (r, in), (out, r)
-        self.r, self.scale = r, alpha / r
+        draw_state = gen.get_state()  # to draw lora_A again after to_empty
+        a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)  # (r, in)
+        lora_A = a.to(**kw)  # (r, in)
+        lora_B = torch.zeros(out_f, r, **kw)  # (out, r)
+        super().__init__(fan_in_fan_out, lora_A=lora_A, lora_B=lora_B)
+        self.r = r
+        self.scale = alpha / r
         self.draw_state = draw_state
 
     def _initial(self) -> dict:
         gen = torch.Generator("cpu")
         gen.set_state(self.draw_state)
         r, in_f = self.lora_A.shape
-        a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)     # (r, in)
+        a = (torch.rand(r, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)  # (r, in)
         return {"lora_A": a, "lora_B": torch.zeros_like(self.lora_B)}
 
     def delta_weight(self, at_merge=False) -> torch.Tensor:
-        B, A = (self.lora_B_merged, self.lora_A_merged) if at_merge else (self.lora_B, self.lora_A)
-        dw = self.scale * (B @ A)                                      # (out, in)
+        if at_merge:
+            B, A = self.lora_B_merged, self.lora_A_merged  # (out, r), (r, in)
+        else:
+            B, A = self.lora_B, self.lora_A
+        dw = self.scale * (B @ A)  # (out, in)
         return dw.T if self.fan_in_fan_out else dw
 
-    def forward(self, W):                                               # as a parametrization
-        return W if self.merged or self.disabled else W + self.delta_weight().to(W.dtype)
+    def forward(self, W):  # as a parametrization
+        if self.merged or self.disabled:
+            return W
+        return W + self.delta_weight().to(W.dtype)
 
 
 class RandLoRALinear(RandLoRA):
-    """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the docstring's rule), or one forced."""
+    """An nn.Linear (or Conv1D) with a RandLoRA update. `path`: "auto" (the docstring's rule), or one
+    forced."""
 
     def __init__(self, base: nn.Module, bases: SharedBases, r, alpha, dropout=0.0, scaling="paper"):
         super().__init__(base.weight, bases, r, alpha, type(base).__name__ == "Conv1D", scaling)
@@ -489,14 +597,15 @@ class RandLoRALinear(RandLoRA):
         return "materialised" if T >= threshold else "factored"
 
     def forward(self, x):
-        if self.merged or self.disabled:                                # the replaced module's computation
+        if self.merged or self.disabled:  # the replaced module's computation
             return self.base_forward(x)
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point input, got {x.dtype}")
-        W = self.weight.T if self.fan_in_fan_out else self.weight      # (out, in)
-        mat = self.chosen_path(x.numel() // x.shape[-1], torch.is_grad_enabled()) == "materialised"
+        W = self.weight.T if self.fan_in_fan_out else self.weight  # (out, in)
+        T = x.numel() // x.shape[-1]
+        mat = self.chosen_path(T, torch.is_grad_enabled()) == "materialised"
         args = (self.lam, self.gam, *self.views(), self.scale, self.transposed, mat)
-        if self.training and self.dropout.p > 0:                       # the update sees other x
+        if self.training and self.dropout.p > 0:  # the update sees other x
             return self.base_forward(x) + RandLoRAFunction.apply(self.dropout(x), None, None, *args)
         return RandLoRAFunction.apply(x, W, self.bias, *args)
 
@@ -509,19 +618,23 @@ class LoRALinear(LoRA):
         self._adopt(base, dropout)
 
     def forward(self, x):
-        y = self.base_forward(x)                                        # (..., out)
+        y = self.base_forward(x)  # (..., out)
         if self.merged or self.disabled:
             return y
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))        # (..., r)
-        y2 = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r),   # y + s h B^T, fused
-                         self.lora_B.to(x.dtype).T, alpha=self.scale)  # (T, out)
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
+        y2 = y.reshape(-1, y.shape[-1])  # (T, out)
+        h2 = h.reshape(-1, self.r)  # (T, r)
+        B = self.lora_B.to(x.dtype)  # (out, r)
+        y2 = torch.addmm(y2, h2, B.T, alpha=self.scale)  # (T, out): y + s h B^T, fused
         return y2.reshape(y.shape)
 
 
 # ---- Patching --------------------------------------------------------------------------
 
+
 def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
+
 
 def _as_names(value, what: str) -> tuple:
     if isinstance(value, str):
@@ -536,7 +649,7 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-_MAX_ALPHA = 1e6                                 # |alpha| above this overflows float32 updates at init
+_MAX_ALPHA = 1e6  # |alpha| above this overflows float32 updates at init
 
 
 def _check_hparams(r, alpha, dropout, seed, basis="uniform", scaling="paper"):
@@ -547,14 +660,18 @@ def _check_hparams(r, alpha, dropout, seed, basis="uniform", scaling="paper"):
     if not -(2**63) <= seed < 2**64:
         raise ValueError("seed must lie in [-2**63, 2**64)")
     if not _is_real(alpha) or alpha == 0 or abs(alpha) > _MAX_ALPHA:
-        raise ValueError(f"alpha must be a finite non-zero number of magnitude at most {_MAX_ALPHA:g}, got {alpha!r}")
+        raise ValueError(
+            f"alpha must be a finite non-zero number of magnitude at most {_MAX_ALPHA:g}, got {alpha!r}"
+        )
     if not _is_real(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if basis not in BASES:
         raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
     if scaling not in SCALINGS:
-        raise ValueError(f"unknown scaling {scaling!r}; choose 'paper' (s = alpha / (r sqrt(n)), gam from 1/D) "
-                         "or 'peft' (s = alpha / r, gam from 1/k, PEFT's)")
+        raise ValueError(
+            f"unknown scaling {scaling!r}; choose 'paper' (s = alpha / (r sqrt(n)), gam from 1/D) "
+            "or 'peft' (s = alpha / r, gam from 1/k, PEFT's)"
+        )
 
 
 def _offloads(hook) -> bool:
@@ -564,7 +681,11 @@ def _offloads(hook) -> bool:
 
 def _check_patchable(name: str, m: nn.Module, parents: list):
     """Refuse a layer that a patched layer in its place would not compute like."""
-    fused = [type(p).__name__ for p in parents if isinstance(p, (nn.MultiheadAttention, nn.TransformerEncoderLayer))]
+    fused = [
+        type(p).__name__
+        for p in parents
+        if isinstance(p, (nn.MultiheadAttention, nn.TransformerEncoderLayer))
+    ]
     why = None
     if fused:
         why = f"its parent {' and '.join(fused)} reads its weight directly (a fused path)"
@@ -575,17 +696,25 @@ def _check_patchable(name: str, m: nn.Module, parents: list):
     elif not isinstance(m, nn.Linear) and getattr(m, "nf", None) != m.weight.shape[-1]:
         why = "it is named Conv1D but is not Hugging Face's (weight (in, out), nf = out)"
     if why is not None:
-        raise ValueError(f"cannot patch {name!r}: {why}; use target_parameters=[{name + '.weight'!r}] instead")
+        raise ValueError(
+            f"cannot patch {name!r}: {why}; use target_parameters=[{name + '.weight'!r}] instead"
+        )
     if "forward" in vars(m) and not hasattr(m, "_hf_hook"):
-        raise ValueError(f"cannot patch {name!r}: its forward was replaced on the instance (module.forward = ...), "
-                         "which the patched layer cannot carry over; patch first, then wrap the patched layer")
+        raise ValueError(
+            f"cannot patch {name!r}: its forward was replaced on the instance (module.forward = ...), "
+            "which the patched layer cannot carry over; patch first, then wrap the patched layer"
+        )
     if _offloads(getattr(m, "_hf_hook", None)):
-        raise ValueError(f"cannot patch {name!r}: accelerate offloads its weights (cpu_offload, or a device_map "
-                         "with 'cpu' or 'disk'); load the model onto devices that hold it, or patch it first")
+        raise ValueError(
+            f"cannot patch {name!r}: accelerate offloads its weights (cpu_offload, or a device_map "
+            "with 'cpu' or 'disk'); load the model onto devices that hold it, or patch it first"
+        )
+
 
 def _find_targets(model, mods: tuple, params: tuple) -> list:
-    """[(name, kind, module, weight)]: modules, then raw parameters, in model order (an aliased module once)."""
-    if adapters(model):                                                 # (and model is a Module)
+    """[(name, kind, module, weight)]: modules, then raw parameters, in model order (an aliased module
+    once)."""
+    if adapters(model):  # (and model is a Module)
         raise ValueError("this model is already patched; patch a fresh copy of the base model instead")
     if not mods and not params:
         raise ValueError("nothing to adapt: pass target_modules (e.g. ['attn.qkv']) or target_parameters")
@@ -593,8 +722,12 @@ def _find_targets(model, mods: tuple, params: tuple) -> list:
     linear = {n: m for n, m in every if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
     raw = {n: p for n, p in model.named_parameters() if p.dim() == 2}
     for pats, pool, kind in ((mods, linear, "module"), (params, raw, "parameter")):
-        for pat in [p for p in pats if not any(_matches(n, p) for n in pool)]:
-            hint = " (it is a raw parameter: pass target_parameters)" if any(_matches(n, pat) for n in raw) else ""
+        unmatched = [p for p in pats if not any(_matches(n, p) for n in pool)]
+        if unmatched:
+            pat = unmatched[0]
+            hint = ""
+            if any(_matches(n, pat) for n in raw):
+                hint = " (it is a raw parameter: pass target_parameters)"
             names = ", ".join(list(pool)[:30]) or "none"
             raise ValueError(f"target {pat!r} matches no {kind}{hint}; candidates: {names}")
     targets = []
@@ -603,27 +736,42 @@ def _find_targets(model, mods: tuple, params: tuple) -> list:
         if name == aliases[0] and any(_matches(a, p) for a in aliases for p in mods):
             _check_patchable(name, m, [model.get_submodule(a.rpartition(".")[0]) for a in aliases])
             targets.append((name, "module", m, m.weight))
-    for name, p in [(n, p) for n, p in raw.items() if any(_matches(n, pat) for pat in params)]:
+    for name, p in raw.items():
+        if not any(_matches(name, pat) for pat in params):
+            continue
         owner = model.get_submodule(name.rpartition(".")[0])
         if any(t[2] is owner for t in targets):
-            raise ValueError(f"{name!r} belongs to an adapted layer; target the layer or its weight, not both")
+            raise ValueError(
+                f"{name!r} belongs to an adapted layer; target the layer or its weight, not both"
+            )
         targets.append((name, "parameter", owner, p))
     return targets
+
 
 def _extra_trainables(model, patterns, targets=()) -> dict:
     """{qualified name: Parameter} of the modules named in `trainable`; validates."""
     hits = [n for n, _ in model.named_modules() if n and any(_matches(n, p) for p in patterns)]
-    for pat in [p for p in patterns if not any(_matches(n, p) for n in hits)]:
-        raise ValueError(f"trainable {pat!r} matches no module of the model")
-    for n in [n for n in hits if any(t[0] == n or t[0].startswith(n + ".") for t in targets)]:
-        raise ValueError(f"trainable {n!r} holds an adapted layer; name a module beside the targets (e.g. a head)")
-    return {k: p for n in hits for k, p in model.get_submodule(n).named_parameters(prefix=n)}
+    unmatched = [p for p in patterns if not any(_matches(n, p) for n in hits)]
+    if unmatched:
+        raise ValueError(f"trainable {unmatched[0]!r} matches no module of the model")
+    holders = [n for n in hits if any(t[0] == n or t[0].startswith(n + ".") for t in targets)]
+    if holders:
+        raise ValueError(
+            f"trainable {holders[0]!r} holds an adapted layer; name a module beside the targets (e.g. a head)"
+        )
+    params = {}
+    for n in hits:
+        params.update(model.get_submodule(n).named_parameters(prefix=n))
+    return params
+
 
 def _replace(model, old: nn.Module, new: nn.Module):
     """Put `new` under every name that `old` has in the model."""
-    for name in [n for n, x in model.named_modules(remove_duplicate=False) if x is old]:
+    names = [n for n, x in model.named_modules(remove_duplicate=False) if x is old]
+    for name in names:
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, new)
+
 
 def _patch(model, c: AdapterConfig) -> list:
     """Validate everything, then freeze the model and install an adapter on every target."""
@@ -637,16 +785,20 @@ def _patch(model, c: AdapterConfig) -> list:
         if not w.is_floating_point():
             raise TypeError(f"{name!r} is {w.dtype}; adapt floating-point weights (dequantise them first)")
         if c.r > min(w.shape):
-            raise ValueError(f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}")
+            raise ValueError(
+                f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}"
+            )
     device = targets[0][3].device
     if rand:
         k_max = max(min(t[3].shape) for t in targets)
         D_max = max(max(t[3].shape) for t in targets)
-        A, B = make_bases(c.r, k_max, D_max, c.basis, c.seed)          # (r, k_max), (n_max, D_max, r)
+        A, B = make_bases(c.r, k_max, D_max, c.basis, c.seed)  # (r, k_max), (n_max, D_max, r)
         for name, _, _, w in targets:
             if not A[:, : min(w.shape)].any():
-                raise ValueError(f"the {c.basis} bases of seed {c.seed} are zero on A's columns of {name!r}, so "
-                                 "its update would stay zero; raise r, or change seed or basis")
+                raise ValueError(
+                    f"the {c.basis} bases of seed {c.seed} are zero on A's columns of {name!r}, so "
+                    "its update would stay zero; raise r, or change seed or basis"
+                )
         dt = _bases_dtype({t[3].dtype for t in targets})
         shared = SharedBases(A.to(device, dt), B.to(device, dt), c)
     else:
@@ -670,28 +822,43 @@ def _patch(model, c: AdapterConfig) -> list:
             else:
                 layer = LoRA(w, c.r, c.alpha, gen)
             parametrize.register_parametrization(mod, pname, layer)
-            mod.parametrizations.train(mod.training)                    # new modules take their owner's mode
+            mod.parametrizations.train(mod.training)  # new modules take their owner's mode
             object.__setattr__(layer, "_owner", (mod, pname))
         if i == 0:
-            layer.shared_bases = shared                                 # registered once, here
+            layer.shared_bases = shared  # registered once, here
             shared.train(mod.training)
     return [t[0] for t in targets]
 
 
-def add_randlora(model, target_modules, r, alpha, dropout=0.0, basis="uniform", seed=0, target_parameters=(),
-                 trainable=(), scaling="paper") -> list:
+def add_randlora(
+    model,
+    target_modules,
+    r,
+    alpha,
+    dropout=0.0,
+    basis="uniform",
+    seed=0,
+    target_parameters=(),
+    trainable=(),
+    scaling="paper",
+) -> list:
     """Patch `model` in place: each nn.Linear / Conv1D named (exactly or by dotted suffix) in `target_modules`
-    becomes a RandLoRALinear, each 2-D Parameter in `target_parameters` gets a RandLoRA parametrization; all else
-    is frozen but the `trainable` modules (a head). `scaling` picks s and gam0 (the docstring's "paper" or
-    "peft"). Returns the adapted names; bad input changes nothing."""
-    c = AdapterConfig("randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable,
-                      scaling)
+    becomes a RandLoRALinear, each 2-D Parameter in `target_parameters` gets a RandLoRA parametrization; all
+    else is frozen but the `trainable` modules (a head). `scaling` picks s and gam0 (the docstring's "paper"
+    or "peft"). Returns the adapted names; bad input changes nothing."""
+    c = AdapterConfig(
+        "randlora", r, alpha, basis, seed, dropout, target_modules, target_parameters, trainable, scaling
+    )
     return _patch(model, c)
 
-def add_lora(model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=(), trainable=()) -> list:
+
+def add_lora(
+    model, target_modules, r, alpha, dropout=0.0, seed=0, target_parameters=(), trainable=()
+) -> list:
     """The LoRA baseline with the same targeting, freezing and errors as add_randlora."""
     c = AdapterConfig("lora", r, alpha, "none", seed, dropout, target_modules, target_parameters, trainable)
     return _patch(model, c)
+
 
 def adapters(model) -> dict:
     """{adapted name: (update module, frozen base weight Parameter)} in model order."""
@@ -701,44 +868,67 @@ def adapters(model) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, (RandLoRALinear, LoRALinear)):
             out[name] = (m, m.weight)
-        for pname, plist in (m.parametrizations.items() if parametrize.is_parametrized(m) else ()):
-            for u in [u for u in plist if isinstance(u, _Update)]:
-                out[f"{name}.{pname}" if name else pname] = (u, plist.original)
+        if not parametrize.is_parametrized(m):
+            continue
+        for pname, plist in m.parametrizations.items():
+            for u in plist:
+                if isinstance(u, _Update):
+                    out[f"{name}.{pname}" if name else pname] = (u, plist.original)
     return out
 
+
 def adapter_config(model) -> AdapterConfig:
-    """The AdapterConfig the model was patched with; ValueError if it has no adapters (or only part of them)."""
-    shared = [m.config for m in model.modules() if isinstance(m, SharedBases)] if adapters(model) else []
-    if not shared:                                                      # (a part of a patched model has none)
-        raise ValueError("no adapters with their bases in this model; patch it first, or pass the whole model")
+    """The AdapterConfig the model was patched with; ValueError if it has no adapters (or only part of
+    them)."""
+    shared = []
+    if adapters(model):
+        shared = [m.config for m in model.modules() if isinstance(m, SharedBases)]
+    if not shared:  # (a part of a patched model has none)
+        raise ValueError(
+            "no adapters with their bases in this model; patch it first, or pass the whole model"
+        )
     return shared[0]
 
+
 def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=()) -> int:
-    """The RandLoRA r whose count sum n (r + k) is closest to LoRA's sum lora_rank (in + out) (ties: the smaller)."""
+    """The RandLoRA r whose count sum n (r + k) is closest to LoRA's sum lora_rank (in + out) (ties: the
+    smaller)."""
     _check_hparams(lora_rank, 1.0, 0.0, 0)
-    ws = [t[3] for t in _find_targets(model, _as_names(target_modules, "target_modules"),
-                                      _as_names(target_parameters, "target_parameters"))]
+    mods = _as_names(target_modules, "target_modules")
+    params = _as_names(target_parameters, "target_parameters")
+    ws = [t[3] for t in _find_targets(model, mods, params)]
     budget = sum(lora_rank * sum(w.shape) for w in ws)
-    count = lambda r: sum(math.ceil(min(w.shape) / r) * (r + min(w.shape)) for w in ws)
-    return min(range(1, min(min(w.shape) for w in ws) + 1), key=lambda r: (abs(count(r) - budget), count(r)))
+
+    def count(r):
+        return sum(math.ceil(min(w.shape) / r) * (r + min(w.shape)) for w in ws)
+
+    k_min = min(min(w.shape) for w in ws)
+    return min(range(1, k_min + 1), key=lambda r: (abs(count(r) - budget), count(r)))
+
 
 def trainable_parameters(model) -> int:
     """How many numbers train: the adapters' scalings (or factors) and the `trainable` modules' parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
 
 # ---- Merge / unmerge: W <- W +/- DeltaW, computed in float32 (or wider) and rounded once ----
 # Sharded models. FSDP2 (fully_shard) keeps each parameter as a DTensor shard between calls. Merging
 # gathers W, shifts it, and each rank keeps its own rows; a checkpoint gathers lam and gam. Both are
 # collectives: every rank must make the call. FSDP1 flattens parameters into shards of other shapes: refused.
 
-_FSDP1 = ("the model is sharded by FSDP1 (FullyShardedDataParallel), whose parameters are flat shards; shard it "
-          "with FSDP2 (fully_shard) instead, or load a full state dict into a single-process copy and use that")
+_FSDP1 = (
+    "the model is sharded by FSDP1 (FullyShardedDataParallel), whose parameters are flat shards; shard it "
+    "with FSDP2 (fully_shard) instead, or load a full state dict into a single-process copy and use that"
+)
 
-def _is_shard(t) -> bool:                                               # a DTensor, tested without importing it
+
+def _is_shard(t) -> bool:  # a DTensor, tested without importing it
     return hasattr(t, "full_tensor")
 
-def _local(t) -> torch.Tensor:                                          # this rank's part
+
+def _local(t) -> torch.Tensor:  # this rank's part
     return t.to_local() if _is_shard(t) else t
+
 
 def _full(t) -> torch.Tensor:
     """t whole: a DTensor is gathered from every rank (a collective); an FSDP1 flat shard is refused."""
@@ -746,40 +936,52 @@ def _full(t) -> torch.Tensor:
         raise ValueError(_FSDP1)
     return t.full_tensor() if _is_shard(t) else t
 
+
 def _fsdp2():
     """fully_shard's module class and distribute_tensor, from where this torch keeps them."""
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:                                                 # torch < 2.6
+    except ImportError:  # torch < 2.6
         from torch.distributed._composable.fsdp import FSDPModule
     try:
         from torch.distributed.tensor import distribute_tensor
-    except ImportError:                                                 # torch < 2.5
+    except ImportError:  # torch < 2.5
         from torch.distributed._tensor import distribute_tensor
     return FSDPModule, distribute_tensor
 
+
 def _sharded(model) -> nn.Module:
-    """The model with every FSDP2 parameter registered as its shard, as between training steps. (After a forward
-    without backward the root holds gathered copies, which a write would miss.)"""
+    """The model with every FSDP2 parameter registered as its shard, as between training steps. (After a
+    forward without backward the root holds gathered copies, which a write would miss.)"""
     if not isinstance(model, nn.Module):
-        return model                                                    # adapters(model) names the TypeError
+        return model  # adapters(model) names the TypeError
     if any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
         raise ValueError(_FSDP1)
-    fsdp2 = _fsdp2()[0] if any(_is_shard(p) for p in model.parameters()) else ()
-    for m in [m for m in model.modules() if isinstance(m, fsdp2)]:
-        m.reshard()
+    if not any(_is_shard(p) for p in model.parameters()):
+        return model
+    FSDPModule = _fsdp2()[0]
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
     return model
+
 
 def _write(p, t) -> None:
     """p <- t, t whole; a DTensor p takes this rank's part (rank 0's t is scattered: every rank must call)."""
     if _is_shard(p):
-        p, t = p.to_local(), _fsdp2()[1](t.to(p.device), p.device_mesh, p.placements).to_local()
+        distribute_tensor = _fsdp2()[1]
+        t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements).to_local()
+        p = p.to_local()
     p.copy_(t)
+
 
 def _shifted(u, w, merge: bool) -> torch.Tensor:
     """W + DeltaW (merge), or W - DeltaW (unmerge), whole: DeltaW from what the merge recorded."""
     dt = _wide(w.dtype)
-    return _full(w).to(dt).add(u.delta_weight(at_merge=True).to(dt), alpha=1 if merge else -1).to(w.dtype)
+    whole = _full(w).to(dt)
+    dw = u.delta_weight(at_merge=True).to(dt)
+    return whole.add(dw, alpha=1 if merge else -1).to(w.dtype)
+
 
 def _memory(t: torch.Tensor) -> tuple:
     """(storage, first byte, end byte) of the memory a tensor's elements span (a shard's, for a DTensor)."""
@@ -807,30 +1009,41 @@ def _sharers(model, w: torch.Tensor) -> list:
 def _set_merged(model, merged: bool) -> int:
     ups = adapters(_sharded(model))
     if any(u.disabled for u, _ in ups.values()):
-        raise ValueError("the adapters are disabled (inside disable_adapters); merge, unmerge or unload after it")
+        raise ValueError(
+            "the adapters are disabled (inside disable_adapters); merge, unmerge or unload after it"
+        )
     todo = {name: (u, w) for name, (u, w) in ups.items() if u.merged != merged}
-    for name, (u, w) in todo.items():                                  # check everything first
+    for name, (_, w) in todo.items():  # check everything first
         if w.is_meta:
-            raise ValueError(f"{name!r} is on the meta device (no values yet, or offloaded by accelerate); bring "
-                             "the model to a device and load its weights (model.to_empty(device=...), then "
-                             "load_state_dict) before merging")
+            raise ValueError(
+                f"{name!r} is on the meta device (no values yet, or offloaded by accelerate); bring "
+                "the model to a device and load its weights (model.to_empty(device=...), then "
+                "load_state_dict) before merging"
+            )
         tied = _sharers(model, w)
         if len(tied) > 1:
-            raise ValueError(f"{tied[0]} and {tied[1]} are one tied tensor (they share memory); merging {name!r} "
-                             f"would change both. Untie them (assign a clone) or leave {name!r} out; unmerged, the "
-                             "model is correct")
-    before = {u: {k: getattr(u, k + "_merged").clone() for k in _trainables(u)} for u, _ in todo.values()}
-    if merged:                                                          # record what goes in (whole)
+            raise ValueError(
+                f"{tied[0]} and {tied[1]} are one tied tensor (they share memory); merging {name!r} "
+                f"would change both. Untie them (assign a clone) or leave {name!r} out; unmerged, the "
+                "model is correct"
+            )
+    before = {}  # the records, to restore on failure
+    for u, _ in todo.values():
+        before[u] = {k: getattr(u, k + "_merged").clone() for k in _trainables(u)}
+    if merged:  # record what goes in (whole)
         for u, _ in todo.values():
             for key, p in _trainables(u).items():
                 getattr(u, key + "_merged").copy_(_full(p))
     for name, (u, w) in todo.items():
-        if not torch.isfinite(_shifted(u, w, merged)).all():            # the same on every rank
-            for v, record in before.items():                            # nothing was changed
+        if not torch.isfinite(_shifted(u, w, merged)).all():  # the same on every rank
+            for v, record in before.items():  # nothing was changed
                 for key, t in record.items():
                     getattr(v, key + "_merged").copy_(t)
-            raise ValueError(f"{'merging' if merged else 'unmerging'} {name!r} would give non-finite "
-                             "weights; nothing was changed (check lam/gam and the weight's dtype range)")
+            verb = "merging" if merged else "unmerging"
+            raise ValueError(
+                f"{verb} {name!r} would give non-finite "
+                "weights; nothing was changed (check lam/gam and the weight's dtype range)"
+            )
     for u, w in todo.values():
         _write(w, _shifted(u, w, merged))
         u.merged = merged
@@ -844,21 +1057,25 @@ def merge(model) -> int:
     Under FSDP2, every rank must call it; each keeps its shard of the merged weights."""
     return _set_merged(model, True)
 
+
 def unmerge(model) -> int:
     """Take out of every weight the DeltaW its merge put in (exact up to the dtype's rounding)."""
     return _set_merged(model, False)
+
 
 def _unpatch(model, keep_update: bool) -> nn.Module:
     """The original modules back (with their hooks and mode); raw weights keep their parametrizations'
     value (W + DeltaW, and any parametrization stacked after it) if `keep_update`, else their stored
     weight; every parameter's requires_grad as it was before patching."""
     shared = [m for m in model.modules() if isinstance(m, SharedBases)]
-    for name, (u, w) in adapters(model).items():
+    for name, (u, _) in adapters(model).items():
         if isinstance(u, (RandLoRALinear, LoRALinear)):
             _replace(model, u, u.synced_base())
         else:
             owner, _, attr = name.rpartition(".")
-            parametrize.remove_parametrizations(model.get_submodule(owner), attr, leave_parametrized=keep_update)
+            parametrize.remove_parametrizations(
+                model.get_submodule(owner), attr, leave_parametrized=keep_update
+            )
     if shared:
         for n, p in model.named_parameters():
             p.requires_grad_(shared[0].requires_grad_before.get(n, p.requires_grad))
@@ -870,9 +1087,11 @@ def unload(model) -> nn.Module:
     keys, each parameter's requires_grad as before patching. Raises ValueError where merge would, and under
     FSDP2 (merge sharded instead, or unload a single-process copy)."""
     if isinstance(model, nn.Module) and any(_is_shard(p) for p in model.parameters()):
-        raise ValueError("unload would replace modules that FSDP2 (fully_shard) manages; merge(model) works sharded, "
-                         "or load adapter_state_dict(model) (on every rank) into a single-process copy, unload that")
-    merge(model)                                                        # refuses tied weights
+        raise ValueError(
+            "unload would replace modules that FSDP2 (fully_shard) manages; merge(model) works sharded, "
+            "or load adapter_state_dict(model) (on every rank) into a single-process copy, unload that"
+        )
+    merge(model)  # refuses tied weights
     return _unpatch(model, keep_update=True)
 
 
@@ -884,7 +1103,7 @@ def disable_adapters(model):
     ups = [u for u, _ in adapters(model).values()]
     if not ups:
         raise ValueError("this model has no adapters to disable; patch it first (add_randlora, load_adapter)")
-    if any(u.disabled for u in ups):                                    # nested: the outer block owns the switch
+    if any(u.disabled for u in ups):  # nested: the outer block owns the switch
         yield model
         return
     merged = any(u.merged for u in ups)
@@ -908,98 +1127,170 @@ def disable_adapters(model):
 
 # ---- Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases ----
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}   # headers'
+# safetensors headers' dtype names
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
 
 def _saved(model) -> dict:
-    """{checkpoint key: tensor}: every adapter's trainables, then the `trainable` modules' parameters and buffers."""
-    out = {f"{n}.{k}": p for n, (u, _) in adapters(model).items() for k, p in _trainables(u).items()}
-    pats = adapter_config(model).trainable
-    heads = [(n, m) for n, m in model.named_modules() if n and any(_matches(n, p) for p in pats)]
-    return {**out, **{k: t for n, m in heads for k, t in m.state_dict(prefix=n + ".", keep_vars=True).items()}}
+    """{checkpoint key: tensor}: every adapter's trainables, then the `trainable` modules' parameters and
+    buffers."""
+    out = {}
+    for name, (u, _) in adapters(model).items():
+        for key, p in _trainables(u).items():
+            out[f"{name}.{key}"] = p
+    patterns = adapter_config(model).trainable
+    for name, m in model.named_modules():
+        if name and any(_matches(name, p) for p in patterns):
+            out.update(m.state_dict(prefix=name + ".", keep_vars=True))
+    return out
+
 
 def _is_plain(d) -> bool:
     """A str-keyed dict of scalars and flat lists of them, <= 1 MiB of text: cheap to compare and repr."""
     if type(d) is not dict or not all(type(k) is str for k in d):
         return False
-    cells = [x for v in d.values() for x in (v if type(v) is list else [v])]
-    return sum(len(x) for x in cells if type(x) is str) <= 2**20 and all(
-        type(x) in (str, bool, float) or type(x) is int and abs(x) <= 2**64 for x in cells)
+    cells = []
+    for v in d.values():
+        if type(v) is list:
+            cells.extend(v)
+        else:
+            cells.append(v)
+    if sum(len(x) for x in cells if type(x) is str) > 2**20:
+        return False
+    return all(type(x) in (str, bool, float) or type(x) is int and abs(x) <= 2**64 for x in cells)
+
 
 def _header(model) -> dict:
     """A checkpoint's plain part: format version, config, and each layer's [out, in]."""
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(adapter_config(model)).items()}
-    shapes = {n: list(w.shape[::-1] if u.fan_in_fan_out else w.shape) for n, (u, w) in adapters(model).items()}
+    config = {}
+    for key, value in asdict(adapter_config(model)).items():
+        config[key] = list(value) if isinstance(value, tuple) else value
+    shapes = {}
+    for name, (u, w) in adapters(model).items():
+        shapes[name] = list(w.shape[::-1] if u.fan_in_fan_out else w.shape)  # [out, in]
     return {"format_version": FORMAT_VERSION, "config": config, "shapes": shapes}
 
-_ON_META = ("the model's adapters are on the meta device (no values yet, or offloaded by accelerate); "
-            "materialise it first (model.to_empty(device=...), then load the base weights)")
+
+_ON_META = (
+    "the model's adapters are on the meta device (no values yet, or offloaded by accelerate); "
+    "materialise it first (model.to_empty(device=...), then load the base weights)"
+)
 
 
 def adapter_state_dict(model) -> dict:
-    """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r), "<name>.gam": (n, k),
-    .., the `trainable` modules' parameters and buffers}}: plain types and whole CPU tensors (under FSDP2 gathered:
-    every rank must call it)."""
+    """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r),
+    "<name>.gam": (n, k), .., the `trainable` modules' parameters and buffers}}: plain types and whole CPU
+    tensors (under FSDP2 gathered: every rank must call it)."""
     saved = _saved(model)
     if any(t.is_meta for t in saved.values()):
         raise ValueError(f"cannot save: {_ON_META}")
-    return {**_header(model), "tensors": {key: _full(t).detach().cpu().clone() for key, t in saved.items()}}
+    state = _header(model)
+    state["tensors"] = {key: _full(t).detach().cpu().clone() for key, t in saved.items()}
+    return state
+
 
 def _checked(model, state) -> dict:
-    """The model's {key: tensor} once `state` fits: all but the values (tensors may be on meta). Never reprs them."""
-    want, params = _header(model), _saved(_sharded(model))
+    """The model's {key: tensor} once `state` fits: all but the values (tensors may be on meta). Never reprs
+    them."""
+    want = _header(model)
+    params = _saved(_sharded(model))
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
     if any(u.disabled for u, _ in adapters(model).values()):
         raise ValueError("the adapters are disabled (inside disable_adapters); load after the block")
-    version = state.get("format_version") if isinstance(state, dict) and {"config", "tensors"} <= set(state) else None
+    version = None
+    if isinstance(state, dict) and {"config", "tensors"} <= set(state):
+        version = state.get("format_version")
     if type(version) is not int or version not in (2, FORMAT_VERSION):
-        raise ValueError(f"not an adapter checkpoint of format 2 or {FORMAT_VERSION}, the dict adapter_state_dict() "
-                         "writes (format 1 had s = alpha / r and gam from 1/k, these alpha / (r sqrt(n)) and 1/D)")
-    saved, tensors = state["config"], state["tensors"]
-    if version == 2 and isinstance(saved, dict):                       # format 2 had the paper's scaling only
+        raise ValueError(
+            f"not an adapter checkpoint of format 2 or {FORMAT_VERSION}, the dict adapter_state_dict() "
+            "writes (format 1 had s = alpha / r and gam from 1/k, these alpha / (r sqrt(n)) and 1/D)"
+        )
+    saved = state["config"]
+    tensors = state["tensors"]
+    if version == 2 and isinstance(saved, dict):  # format 2 had the paper's scaling only
         saved = {"scaling": "paper", **saved}
     if not _is_plain(saved) or not isinstance(tensors, dict):
-        raise ValueError("checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict")
+        raise ValueError(
+            "checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict"
+        )
     keys = ("method", "r", "alpha", "basis", "seed", "scaling")
     differ = [k for k in keys if saved.get(k) != want["config"][k]]
     if differ:
-        raise ValueError(f"checkpoint {differ[0]} differs from the model's {differ[0]}={want['config'][differ[0]]!r}; "
-                         "patch a fresh model with the checkpoint's config")
+        key = differ[0]
+        raise ValueError(
+            f"checkpoint {key} differs from the model's {key}={want['config'][key]!r}; "
+            "patch a fresh model with the checkpoint's config"
+        )
     missing = [k for k in params if k not in tensors]
-    extra = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in tensors if k not in params)
+    extra = [k for k in tensors if k not in params]
     if missing or extra:
-        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
-    if not _is_plain(state.get("shapes")) or state["shapes"] != want["shapes"]:
-        theirs = state["shapes"] if isinstance(state.get("shapes"), dict) else {}
+        shown = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in extra)
+        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {shown[:5]}")
+    shapes = state.get("shapes")
+    if not _is_plain(shapes) or shapes != want["shapes"]:
+        theirs = shapes if isinstance(shapes, dict) else {}
         differ = [(n, s) for n, s in want["shapes"].items() if theirs.get(n) != s]
-        raise ValueError(f"the checkpoint's layers have other (out, in) shapes than this model's, which are "
-                         f"{differ[:5]}; load it into a model of the shapes it was trained on")
+        raise ValueError(
+            f"the checkpoint's layers have other (out, in) shapes than this model's, which are "
+            f"{differ[:5]}; load it into a model of the shapes it was trained on"
+        )
     for key, p in params.items():
-        t = tensors[key]
-        dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
-        kind = dense and (t.dtype == p.dtype or t.is_floating_point() and p.is_floating_point())   # floats: cast
-        if not kind or t.shape != p.shape:
-            got = f"{t.dtype} of shape {tuple(t.shape)}" if dense else f"a {type(t).__name__}, not a dense tensor"
-            raise ValueError(f"checkpoint entry {key!r} is {got}; the model expects {p.dtype} (a float: any float "
-                             f"dtype) of shape {tuple(p.shape)}")
+        got = _mismatch(tensors[key], p)
+        if got:
+            raise ValueError(
+                f"checkpoint entry {key!r} is {got}; the model expects {p.dtype} (a float: any float "
+                f"dtype) of shape {tuple(p.shape)}"
+            )
     return params
 
+
+def _mismatch(t, p) -> str:
+    """What checkpoint entry t is, where it cannot load into p; "" where it can (a float: any float dtype)."""
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_nested:
+        return f"a {type(t).__name__}, not a dense tensor"
+    castable = t.dtype == p.dtype or t.is_floating_point() and p.is_floating_point()
+    if not castable or t.shape != p.shape:
+        return f"{t.dtype} of shape {tuple(t.shape)}"
+    return ""
+
+
 def load_adapter_state_dict(model, state) -> None:
-    """Load into a model patched with the same config and layer shapes; all is checked, values last, before any copy."""
-    params, tensors = _checked(model, state), state["tensors"]
+    """Load into a model patched with the same config and layer shapes; all is checked, values last, before
+    any copy."""
+    params = _checked(model, state)
+    tensors = state["tensors"]
     if any(p.is_meta for p in params.values()):
         raise ValueError(f"cannot load into it: {_ON_META}; load the adapter after that")
     on_meta = [k for k in params if tensors[k].is_meta]
     if on_meta:
-        raise ValueError(f"checkpoint entries {on_meta[:5]} are on the meta device (no values); nothing was loaded")
-    bad = [k for k, p in params.items() if p.is_floating_point() and not torch.isfinite(tensors[k].to(p.dtype)).all()]
+        raise ValueError(
+            f"checkpoint entries {on_meta[:5]} are on the meta device (no values); nothing was loaded"
+        )
+    bad = []
+    for key, p in params.items():
+        if p.is_floating_point() and not torch.isfinite(tensors[key].to(p.dtype)).all():
+            bad.append(key)
     if bad:
-        raise ValueError(f"checkpoint entries {bad[:5]} are non-finite (once cast to the model's dtype); "
-                         "nothing was loaded")
+        raise ValueError(
+            f"checkpoint entries {bad[:5]} are non-finite (once cast to the model's dtype); "
+            "nothing was loaded"
+        )
     with torch.no_grad():
         for key, p in params.items():
             _write(p, tensors[key])
+
 
 def _safetensors():
     try:
@@ -1008,59 +1299,81 @@ def _safetensors():
         raise ImportError("adapter files are safetensors files: pip install safetensors") from None
     return safetensors
 
+
 def save_adapter(model, path_or_file) -> None:
-    """adapter_state_dict(model) as a safetensors file: its tensors; as metadata the format version, config and layer
-    shapes in JSON, and the SHA-256 of the tensor bytes (safetensors keeps no checksum)."""
-    st, state = _safetensors().torch, adapter_state_dict(model)
+    """adapter_state_dict(model) as a safetensors file: its tensors; as metadata the format version, config
+    and layer shapes in JSON, and the SHA-256 of the tensor bytes (safetensors keeps no checksum)."""
+    st = _safetensors().torch
+    state = adapter_state_dict(model)
     meta = {k: json.dumps(state[k]) for k in ("format_version", "config", "shapes")}
-    body = st.save(state["tensors"])                                    # the same tensor bytes, no metadata
-    meta["sha256"] = hashlib.sha256(body[8 + int.from_bytes(body[:8], "little"):]).hexdigest()
-    with contextlib.nullcontext(path_or_file) if hasattr(path_or_file, "write") else open(path_or_file, "wb") as f:
+    body = st.save(state["tensors"])  # the same tensor bytes, no metadata
+    header_size = int.from_bytes(body[:8], "little")
+    meta["sha256"] = hashlib.sha256(body[8 + header_size :]).hexdigest()
+    writer = hasattr(path_or_file, "write")
+    with contextlib.nullcontext(path_or_file) if writer else open(path_or_file, "wb") as f:
         f.write(st.save(state["tensors"], meta))
 
+
 def load_adapter(model, path_or_file) -> None:
-    """Load a save_adapter file (a path or a binary file object): a regular file, a header of a size bounded from the
-    model, whose config, layer shapes, tensor names, dtypes and shapes fit, and only then exactly those tensor bytes. A
-    model without adapters is patched from the file's config first (and unpatched if loading fails)."""
-    safetensors, patched, file = _safetensors(), bool(adapters(model)), f"adapter file {str(path_or_file)[:200]!r}"
+    """Load a save_adapter file (a path or a binary file object): a regular file, a header of a size bounded
+    from the model, whose config, layer shapes, tensor names, dtypes and shapes fit, and only then exactly
+    those tensor bytes. A model without adapters is patched from the file's config first (and unpatched if
+    loading fails)."""
+    safetensors = _safetensors()
+    patched = bool(adapters(model))
+    file = f"adapter file {str(path_or_file)[:200]!r}"
     damaged = f"{file} is damaged or not written by save_adapter"
-    limit = 2**16 + 2**10 * (len(_saved(model)) if patched else 2 * len(model.state_dict()))   # 1 KiB a tensor
-    grads, reader = {p: p.requires_grad for p in model.parameters()}, hasattr(path_or_file, "read")
-    if not reader and not stat.S_ISREG(os.stat(os.fspath(path_or_file)).st_mode):   # before open() waits on a FIFO
+    n_tensors = len(_saved(model)) if patched else 2 * len(model.state_dict())
+    limit = 2**16 + 2**10 * n_tensors  # 1 KiB a tensor
+    grads = {p: p.requires_grad for p in model.parameters()}
+    reader = hasattr(path_or_file, "read")
+    # a regular file, checked before open() waits on a FIFO
+    if not reader and not stat.S_ISREG(os.stat(os.fspath(path_or_file)).st_mode):
         raise ValueError(f"{file} is not a regular file")
     with contextlib.nullcontext(path_or_file) if reader else open(path_or_file, "rb") as f:
         head = f.read(8)
         if head[:2] == b"PK":
-            raise ValueError(f"{file} is of the older torch.save format; if you trust it, load it with "
-                             "load_adapter_state_dict(model, torch.load(path, weights_only=True)) and save it again")
-        if int.from_bytes(head, "little") > limit:
-            raise ValueError(f"{file} has a header of more than the {limit} bytes this model's adapter can need")
-        head += f.read(int.from_bytes(head, "little"))
+            raise ValueError(
+                f"{file} is of the older torch.save format; if you trust it, load it with "
+                "load_adapter_state_dict(model, torch.load(path, weights_only=True)) and save it again"
+            )
+        header_size = int.from_bytes(head, "little")
+        if header_size > limit:
+            raise ValueError(
+                f"{file} has a header of more than the {limit} bytes this model's adapter can need"
+            )
+        head += f.read(header_size)
         try:
             header = json.loads(head[8:])
             meta = header.pop("__metadata__")
             sha256 = meta["sha256"]
             state = {k: json.loads(meta[k]) for k in ("format_version", "config", "shapes")}
-            state["tensors"] = {k: torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]], device="meta")
-                                for k, e in header.items()}
-            if max(len(state["config"][k]) for k in ("target_modules", "target_parameters", "trainable")) > 1024:
+            state["tensors"] = {
+                k: torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]], device="meta")
+                for k, e in header.items()
+            }
+            if (
+                max(len(state["config"][k]) for k in ("target_modules", "target_parameters", "trainable"))
+                > 1024
+            ):
                 raise ValueError("its config names more than 1024 modules")
-            config = AdapterConfig(**{k: tuple(v) if type(v) is list else v for k, v in state["config"].items()})
-        except Exception as e:                                          # truncated, tampered, not save_adapter's
+            fields = {k: tuple(v) if type(v) is list else v for k, v in state["config"].items()}
+            config = AdapterConfig(**fields)
+        except Exception as e:  # truncated, tampered, not save_adapter's
             raise ValueError(f"{damaged} ({type(e).__name__})") from None
         try:
             if not patched:
                 _patch(model, config)
             _checked(model, state)
-            size = sum(t.numel() * t.element_size() for t in state["tensors"].values())   # those, now
+            size = sum(t.numel() * t.element_size() for t in state["tensors"].values())  # those, now
             data = f.read(size + 1)
             if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
                 raise ValueError(f"{damaged} (its tensor bytes changed)")
-            state["tensors"] = safetensors.torch.load(head + data)     # which checks the offsets
+            state["tensors"] = safetensors.torch.load(head + data)  # which checks the offsets
             load_adapter_state_dict(model, state)
         except BaseException as e:
-            if not patched and adapters(model):                        # patched here: undo it
-                _unpatch(model, keep_update=False)                      # no merge: weights never touched
+            if not patched and adapters(model):  # patched here: undo it
+                _unpatch(model, keep_update=False)  # no merge: weights never touched
                 for p, wanted in grads.items():
                     p.requires_grad_(wanted)
             if isinstance(e, safetensors.SafetensorError):
