@@ -343,22 +343,6 @@ def _trainables(u) -> dict:
     return {"lora_A": u.lora_A, "lora_B": u.lora_B}
 
 
-_HOOKS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_is_full_backward_hook",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
-
 class _Update(nn.Module):
     """What RandLoRA and LoRA share. state_dict records a merge (`merged_flag`, `<name>_merged`): unmerge
     takes out what merge put in, even if an optimizer moved the trainables since. They stay float32 through
@@ -432,21 +416,6 @@ class _Update(nn.Module):
         self.base_layer.train(self.training)
         _move_hooks(self, self.base_layer)
         return self.base_layer
-
-
-def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
-    """Give dst src's hook dicts (the same objects: a handle removes from both, a hook added on either runs
-    on whichever is in the model) and move an accelerate hook's wrapped forward. Only the module in the
-    model is called, so each hook runs once."""
-    for attr in _HOOKS:
-        if hasattr(src, attr):
-            setattr(dst, attr, getattr(src, attr))
-    if "forward" in vars(src) and hasattr(src, "_hf_hook"):  # accelerate: partial(new_forward, src)
-        dst._hf_hook = src._hf_hook
-        dst._old_forward = type(dst).forward.__get__(dst)
-        dst.forward = functools.partial(vars(src)["forward"].func, dst)
-        for attr in ("forward", "_hf_hook", "_old_forward"):
-            delattr(src, attr)
 
 
 class RandLoRA(_Update):
@@ -771,6 +740,37 @@ def _replace(model, old: nn.Module, new: nn.Module):
     for name in names:
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, new)
+
+
+_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Give dst src's hook dicts (the same objects: a handle removes from both, a hook added on either runs
+    on whichever is in the model) and move an accelerate hook's wrapped forward. Only the module in the
+    model is called, so each hook runs once."""
+    for attr in _HOOKS:
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+    if "forward" in vars(src) and hasattr(src, "_hf_hook"):  # accelerate: partial(new_forward, src)
+        dst._hf_hook = src._hf_hook
+        dst._old_forward = type(dst).forward.__get__(dst)
+        dst.forward = functools.partial(vars(src)["forward"].func, dst)
+        for attr in ("forward", "_hf_hook", "_old_forward"):
+            delattr(src, attr)
 
 
 def _patch(model, c: AdapterConfig) -> list:
