@@ -260,16 +260,6 @@ class RandLoRAFunction(torch.autograd.Function):
 
     generate_vmap_rule = True  # torch.func.vmap runs it per sample
 
-    @classmethod
-    def apply(cls, *args):
-        # With setup_context defined, Function.apply binds default arguments through inspect.signature on
-        # every call (20-50 us, more than the layer's own work at small T). Every argument here is positional,
-        # so outside torch.func transforms the C++ apply is called directly; torch.compile traces the usual
-        # apply.
-        if torch._C._are_functorch_transforms_active():
-            return super().apply(*args)
-        return super(torch.autograd.Function, cls).apply(*args)
-
     @staticmethod
     def forward(x, weight, bias, lam, gam, A, Bcat, scale, transposed, materialise):
         dt = _compute_dtype(x, weight)  # autocast decides, else x
@@ -330,6 +320,27 @@ class RandLoRAFunction(torch.autograd.Function):
         gw = _to(G, weight.dtype) if need_w else None
         gb = _to(gy2.sum(0), bias.dtype) if need_b else None  # (out,)
         return gx, gw, gb, glam, ggam, None, None, None, None, None
+
+
+class _EagerRandLoRAFunction(RandLoRAFunction):
+    """RandLoRAFunction in the older one-method style, for eager calls. Where setup_context is defined,
+    Function.apply binds default arguments with inspect.signature on every call (20-50 us, more than a
+    small layer's own work); torch.func transforms need setup_context, so they get the original."""
+
+    setup_context = torch.autograd.Function.setup_context  # not defined: the one-method style
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        RandLoRAFunction.setup_context(ctx, inputs, None)
+        return RandLoRAFunction.forward(*inputs)
+
+
+def _function():
+    """The autograd function for this call: RandLoRAFunction under a torch.func transform, else its
+    one-method twin (which torch.compile also traces on every torch from 2.4)."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return RandLoRAFunction
+    return _EagerRandLoRAFunction
 
 
 # ---- Layers ----------------------------------------------------------------------------
@@ -575,8 +586,8 @@ class RandLoRALinear(RandLoRA):
         mat = self.chosen_path(T, torch.is_grad_enabled()) == "materialised"
         args = (self.lam, self.gam, *self.views(), self.scale, self.transposed, mat)
         if self.training and self.dropout.p > 0:  # the update sees other x
-            return self.base_forward(x) + RandLoRAFunction.apply(self.dropout(x), None, None, *args)
-        return RandLoRAFunction.apply(x, W, self.bias, *args)
+            return self.base_forward(x) + _function().apply(self.dropout(x), None, None, *args)
+        return _function().apply(x, W, self.bias, *args)
 
 
 class LoRALinear(LoRA):
