@@ -413,12 +413,13 @@ class _Update(nn.Module):
         if self.fan_in_fan_out:
             self.nf = base.nf  # what Conv1D's forward reads
         object.__setattr__(self, "base_layer", base)  # not a child: no copies
+        self.base_forward_of = type(base).forward  # the replaced class's forward, an unbound function
         self.train(base.training)
         _move_hooks(base, self)
 
     def base_forward(self, x):
         """The replaced module's own forward, run on this layer's weight and bias (bit for bit)."""
-        return type(self.base_layer).forward(self, x)
+        return self.base_forward_of(self, x)
 
     def synced_base(self) -> nn.Module:
         """The module it replaced, with this layer's weight, bias, mode and hooks."""
@@ -578,7 +579,7 @@ class RandLoRALinear(RandLoRA):
 
     def forward(self, x):
         if self.merged or self.disabled:  # the replaced module's computation
-            return self.base_forward(x)
+            return self.base_forward_of(self, x)
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point input, got {x.dtype}")
         W = self.weight.T if self.fan_in_fan_out else self.weight  # (out, in)
