@@ -183,17 +183,22 @@ class SharedBases(nn.Module):
         self.B = B.to(self.B.device, dtype)
 
     def fit(self) -> None:
-        """Bases in the dtype the layers' weights need now; every layer views them again."""
+        """Bases in the dtype the layers' weights need now; where that changed them, every layer views
+        them again."""
+        changed = False
         if self.layers and not self.B.is_meta:
             wanted = _bases_dtype({layer.base_weight().dtype for layer in self.layers})
             if torch.finfo(wanted).bits > torch.finfo(self.B.dtype).bits:
                 self.redraw(wanted)  # never widen rounded values
+                changed = True
             elif wanted != self.B.dtype:
                 self.A = self.A.to(wanted)
                 self.B = self.B.to(wanted)
+                changed = True
         for layer in self.layers:
             layer.fitted_dtype = layer.base_weight().dtype
-            layer.views(remake=True)
+            if changed:
+                layer.views(remake=True)
 
     def _apply(self, fn, *args, **kwargs):
         before = None if self.B.is_meta else self.B.data_ptr()
@@ -201,6 +206,8 @@ class SharedBases(nn.Module):
         if self.layers and not self.B.is_meta and self.B.data_ptr() != before:
             self.redraw(self.B.dtype)  # new memory: to_empty leaves it uninitialised
         self.fit()
+        for layer in self.layers:  # the buffers are new tensors
+            layer.views(remake=True)
         return self
 
 
@@ -283,7 +290,7 @@ class RandLoRAFunction(torch.autograd.Function):
         ctx.scale = scale
         ctx.transposed = transposed
         ctx.materialise = materialise
-        ctx.dtype = _compute_dtype(x, weight)
+        ctx.dtype = output.dtype  # forward computes in _compute_dtype(x, weight)
 
     @staticmethod
     def backward(ctx, gy):
@@ -331,8 +338,9 @@ class _EagerRandLoRAFunction(RandLoRAFunction):
 
     @staticmethod
     def forward(ctx, *inputs):
-        RandLoRAFunction.setup_context(ctx, inputs, None)
-        return RandLoRAFunction.forward(*inputs)
+        y = RandLoRAFunction.forward(*inputs)
+        RandLoRAFunction.setup_context(ctx, inputs, y)
+        return y
 
 
 def _function():
@@ -385,8 +393,8 @@ class _Update(nn.Module):
                 t = getattr(self, key)
                 keep[key] = (t.data, None if t.grad is None else t.grad.data)
         super()._apply(fn, *args, **kwargs)
-        if isinstance(self, RandLoRA):  # its weight may have changed dtype
-            self._shared.fit()
+        if isinstance(self, RandLoRA) and self.base_weight().dtype != self.fitted_dtype:
+            self._shared.fit()  # its weight changed dtype (a move: SharedBases._apply fits)
         for key, (data, grad) in keep.items():
             t = getattr(self, key)
             if t.element_size() < 4 and not data.is_meta:  # moved, but kept float32 or wider
@@ -413,13 +421,12 @@ class _Update(nn.Module):
         if self.fan_in_fan_out:
             self.nf = base.nf  # what Conv1D's forward reads
         object.__setattr__(self, "base_layer", base)  # not a child: no copies
-        self.base_forward_of = type(base).forward  # the replaced class's forward, an unbound function
         self.train(base.training)
         _move_hooks(base, self)
 
     def base_forward(self, x):
         """The replaced module's own forward, run on this layer's weight and bias (bit for bit)."""
-        return self.base_forward_of(self, x)
+        return type(self.base_layer).forward(self, x)
 
     def synced_base(self) -> nn.Module:
         """The module it replaced, with this layer's weight, bias, mode and hooks."""
@@ -579,7 +586,7 @@ class RandLoRALinear(RandLoRA):
 
     def forward(self, x):
         if self.merged or self.disabled:  # the replaced module's computation
-            return self.base_forward_of(self, x)
+            return self.base_forward(x)
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point input, got {x.dtype}")
         W = self.weight.T if self.fan_in_fan_out else self.weight  # (out, in)
