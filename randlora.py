@@ -736,9 +736,14 @@ def _find_targets(model, mods: tuple, params: tuple) -> list:
     return targets
 
 
+def _named(model, patterns) -> list:
+    """Names of the model's modules that match `patterns` (exactly or by dotted suffix)."""
+    return [n for n, _ in model.named_modules() if n and any(_matches(n, p) for p in patterns)]
+
+
 def _extra_trainables(model, patterns, targets=()) -> dict:
     """{qualified name: Parameter} of the modules named in `trainable`; validates."""
-    hits = [n for n, _ in model.named_modules() if n and any(_matches(n, p) for p in patterns)]
+    hits = _named(model, patterns)
     unmatched = [p for p in patterns if not any(_matches(n, p) for n in hits)]
     if unmatched:
         raise ValueError(f"trainable {unmatched[0]!r} matches no module of the model")
@@ -1168,10 +1173,8 @@ def _saved(model) -> dict:
     for name, (u, _) in adapters(model).items():
         for key, p in _trainables(u).items():
             out[f"{name}.{key}"] = p
-    patterns = adapter_config(model).trainable
-    for name, m in model.named_modules():
-        if name and any(_matches(name, p) for p in patterns):
-            out.update(m.state_dict(prefix=name + ".", keep_vars=True))
+    for name in _named(model, adapter_config(model).trainable):
+        out.update(model.get_submodule(name).state_dict(prefix=name + ".", keep_vars=True))
     return out
 
 
@@ -1344,7 +1347,6 @@ def load_adapter(model, path_or_file) -> None:
     damaged = f"{file} is damaged or not written by save_adapter"
     n_tensors = len(_saved(model)) if patched else 2 * len(model.state_dict())
     limit = 2**16 + 2**10 * n_tensors  # 1 KiB a tensor
-    grads = {p: p.requires_grad for p in model.parameters()}
     reader = hasattr(path_or_file, "read")
     # a regular file, checked before open() waits on a FIFO
     if not reader and not stat.S_ISREG(os.stat(os.fspath(path_or_file)).st_mode):
@@ -1392,9 +1394,7 @@ def load_adapter(model, path_or_file) -> None:
             load_adapter_state_dict(model, state)
         except BaseException as e:
             if not patched and adapters(model):  # patched here: undo it
-                _unpatch(model, keep_update=False)  # no merge: weights never touched
-                for p, wanted in grads.items():
-                    p.requires_grad_(wanted)
+                _unpatch(model, keep_update=False)  # no merge: weights never touched; requires_grad back
             if isinstance(e, safetensors.SafetensorError):
                 raise ValueError(f"{damaged} ({str(e)[:200]})") from None
             raise
