@@ -1151,164 +1151,78 @@ def disable_adapters(model):
 
 # ---- Adapter checkpoints: the trainables, each layer's (out, in) and the config; never the bases ----
 
-# safetensors headers' dtype names
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+_ON_META = "on the meta device (no values); materialise the model first (to_empty, then the base weights)"
 
 
-def _saved(model) -> dict:
-    """{checkpoint key: tensor}: every adapter's trainables, then the `trainable` modules' parameters and
-    buffers."""
-    out = {}
-    for name, (u, _) in adapters(model).items():
-        for key, p in _trainables(u).items():
-            out[f"{name}.{key}"] = p
-    for name in _named(model, adapter_config(model).trainable):
-        out.update(model.get_submodule(name).state_dict(prefix=name + ".", keep_vars=True))
-    return out
-
-
-def _is_plain(d) -> bool:
-    """A str-keyed dict of scalars and flat lists of them, <= 1 MiB of text: cheap to compare and repr."""
-    if type(d) is not dict or not all(type(k) is str for k in d):
-        return False
-    cells = []
-    for v in d.values():
-        if type(v) is list:
-            cells.extend(v)
-        else:
-            cells.append(v)
-    if sum(len(x) for x in cells if type(x) is str) > 2**20:
-        return False
-    return all(type(x) in (str, bool, float) or type(x) is int and abs(x) <= 2**64 for x in cells)
-
-
-def _header(model) -> dict:
-    """A checkpoint's plain part: format version, config, and each layer's [out, in]."""
-    config = {}
-    for key, value in asdict(adapter_config(model)).items():
-        config[key] = list(value) if isinstance(value, tuple) else value
+def _checkpoint(model) -> dict:
+    """adapter_state_dict(model) with the model's own tensors in place of whole CPU copies."""
+    config = json.loads(json.dumps(asdict(adapter_config(model))))  # tuples as lists, as JSON has them
     shapes = {}
     for name, (u, w) in adapters(model).items():
         shapes[name] = list(w.shape[::-1] if u.fan_in_fan_out else w.shape)  # [out, in]
-    return {"format_version": FORMAT_VERSION, "config": config, "shapes": shapes}
-
-
-_ON_META = (
-    "the model's adapters are on the meta device (no values yet, or offloaded by accelerate); "
-    "materialise it first (model.to_empty(device=...), then load the base weights)"
-)
+    tensors = {f"{n}.{k}": p for n, (u, _) in adapters(model).items() for k, p in _trainables(u).items()}
+    for name in _named(model, config["trainable"]):
+        tensors.update(model.get_submodule(name).state_dict(prefix=name + ".", keep_vars=True))
+    return {"format_version": FORMAT_VERSION, "config": config, "shapes": shapes, "tensors": tensors}
 
 
 def adapter_state_dict(model) -> dict:
-    """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r),
-    "<name>.gam": (n, k), .., the `trainable` modules' parameters and buffers}}: plain types and whole CPU
-    tensors (under FSDP2 gathered: every rank must call it)."""
-    saved = _saved(model)
-    if any(t.is_meta for t in saved.values()):
-        raise ValueError(f"cannot save: {_ON_META}")
-    state = _header(model)
-    state["tensors"] = {key: _full(t).detach().cpu().clone() for key, t in saved.items()}
+    """{"format_version", "config", "shapes": {name: [out, in]}, "tensors": {"<name>.lam": (n, r), .., the
+    `trainable` modules' state}}: plain types, and whole CPU tensors (under FSDP2 every rank must call it)."""
+    state = _checkpoint(model)
+    if any(t.is_meta for t in state["tensors"].values()):
+        raise ValueError(f"cannot save: the adapters are {_ON_META}")
+    state["tensors"] = {key: _full(t).detach().cpu().clone() for key, t in state["tensors"].items()}
     return state
 
 
-def _checked(model, state) -> dict:
-    """The model's {key: tensor} once `state` fits: all but the values (tensors may be on meta). Never reprs
-    them."""
-    want = _header(model)
-    params = _saved(_sharded(model))
+def load_adapter_state_dict(model, state) -> None:
+    """Load into a model patched with the same config and layer shapes; all is checked before any copy."""
+    want = _checkpoint(_sharded(model))  # its tensors: each FSDP2 parameter's shard
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
     if any(u.disabled for u, _ in adapters(model).values()):
         raise ValueError("the adapters are disabled (inside disable_adapters); load after the block")
-    version = None
-    if isinstance(state, dict) and {"config", "tensors"} <= set(state):
-        version = state.get("format_version")
-    if type(version) is not int or version not in (2, FORMAT_VERSION):
+    try:  # the plain part as JSON has it: a tensor or other object where a number belongs is refused
+        plain = json.loads(json.dumps({k: state.get(k) for k in ("format_version", "config", "shapes")}))
+        tensors = state.get("tensors")
+    except Exception:  # not a dict, or not plain
+        plain, tensors = {}, None
+    version, config = plain.get("format_version"), plain.get("config")
+    if type(version) is not int or version not in (2, FORMAT_VERSION) or type(config) is not dict:
         raise ValueError(
             f"not an adapter checkpoint of format 2 or {FORMAT_VERSION}, the dict adapter_state_dict() "
             "writes (format 1 had s = alpha / r and gam from 1/k, these alpha / (r sqrt(n)) and 1/D)"
         )
-    saved = state["config"]
-    tensors = state["tensors"]
-    if version == 2 and isinstance(saved, dict):  # format 2 had the paper's scaling only
-        saved = {"scaling": "paper", **saved}
-    if not _is_plain(saved) or not isinstance(tensors, dict):
-        raise ValueError(
-            "checkpoint 'config' must be a dict of numbers, strings and lists of them, 'tensors' a dict"
-        )
-    keys = ("method", "r", "alpha", "basis", "seed", "scaling")
-    differ = [k for k in keys if saved.get(k) != want["config"][k]]
-    if differ:
-        key = differ[0]
-        raise ValueError(
-            f"checkpoint {key} differs from the model's {key}={want['config'][key]!r}; "
-            "patch a fresh model with the checkpoint's config"
-        )
-    missing = [k for k in params if k not in tensors]
-    extra = [k for k in tensors if k not in params]
-    if missing or extra:
-        shown = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in extra)
-        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {shown[:5]}")
-    shapes = state.get("shapes")
-    if not _is_plain(shapes) or shapes != want["shapes"]:
-        theirs = shapes if isinstance(shapes, dict) else {}
-        differ = [(n, s) for n, s in want["shapes"].items() if theirs.get(n) != s]
-        raise ValueError(
-            f"the checkpoint's layers have other (out, in) shapes than this model's, which are "
-            f"{differ[:5]}; load it into a model of the shapes it was trained on"
-        )
-    for key, p in params.items():
-        got = _mismatch(tensors[key], p)
-        if got:
+    if version == 2:  # format 2 had the paper's scaling only
+        config = {"scaling": "paper", **config}
+    if set(config) != set(want["config"]) or type(tensors) is not dict:
+        raise ValueError("a checkpoint's 'config' holds AdapterConfig's fields, and its 'tensors' is a dict")
+    for key in ("method", "r", "alpha", "basis", "seed", "scaling"):
+        if config[key] != want["config"][key]:
             raise ValueError(
-                f"checkpoint entry {key!r} is {got}; the model expects {p.dtype} (a float: any float "
-                f"dtype) of shape {tuple(p.shape)}"
+                f"checkpoint {key} differs from the model's {key}={want['config'][key]!r}: patch a new model"
             )
-    return params
-
-
-def _mismatch(t, p) -> str:
-    """What checkpoint entry t is, where it cannot load into p; "" where it can (a float: any float dtype)."""
-    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_nested:
-        return f"a {type(t).__name__}, not a dense tensor"
-    castable = t.dtype == p.dtype or t.is_floating_point() and p.is_floating_point()
-    if not castable or t.shape != p.shape:
-        return f"{t.dtype} of shape {tuple(t.shape)}"
-    return ""
-
-
-def load_adapter_state_dict(model, state) -> None:
-    """Load into a model patched with the same config and layer shapes; all is checked, values last, before
-    any copy."""
-    params = _checked(model, state)
-    tensors = state["tensors"]
-    if any(p.is_meta for p in params.values()):
-        raise ValueError(f"cannot load into it: {_ON_META}; load the adapter after that")
-    on_meta = [k for k in params if tensors[k].is_meta]
-    if on_meta:
+    params = want["tensors"]
+    missing = [k for k in params if k not in tensors]
+    extra = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in tensors if k not in params)
+    if missing or extra:
+        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+    if plain["shapes"] != want["shapes"]:
         raise ValueError(
-            f"checkpoint entries {on_meta[:5]} are on the meta device (no values); nothing was loaded"
+            f"the checkpoint's layers have other (out, in) shapes than this model's, which start "
+            f"{list(want['shapes'].items())[:3]}; load it into a model of the shapes it was trained on"
         )
-    bad = []
     for key, p in params.items():
-        if p.is_floating_point() and not torch.isfinite(tensors[key].to(p.dtype)).all():
-            bad.append(key)
-    if bad:
-        raise ValueError(
-            f"checkpoint entries {bad[:5]} are non-finite (once cast to the model's dtype); "
-            "nothing was loaded"
-        )
+        t = tensors[key]
+        dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
+        castable = dense and (t.dtype == p.dtype or t.is_floating_point() and p.is_floating_point())
+        if not castable or t.shape != p.shape:
+            raise ValueError(f"entry {key!r} must be dense, of shape {tuple(p.shape)}, castable to {p.dtype}")
+        if p.is_meta or t.is_meta:
+            raise ValueError(f"cannot load: the adapters or the checkpoint's tensors are {_ON_META}")
+        if p.is_floating_point() and not torch.isfinite(t.to(p.dtype)).all():
+            raise ValueError(f"checkpoint entry {key!r} is non-finite as {p.dtype}; nothing was loaded")
     with torch.no_grad():
         for key, p in params.items():
             _write(p, tensors[key])
@@ -1328,28 +1242,22 @@ def save_adapter(model, path_or_file) -> None:
     st = _safetensors().torch
     state = adapter_state_dict(model)
     meta = {k: json.dumps(state[k]) for k in ("format_version", "config", "shapes")}
-    body = st.save(state["tensors"])  # the same tensor bytes, no metadata
-    header_size = int.from_bytes(body[:8], "little")
-    meta["sha256"] = hashlib.sha256(body[8 + header_size :]).hexdigest()
+    body = st.save(state["tensors"])  # the same tensor bytes, after a header without the metadata
+    meta["sha256"] = hashlib.sha256(body[8 + int.from_bytes(body[:8], "little") :]).hexdigest()
     writer = hasattr(path_or_file, "write")
     with contextlib.nullcontext(path_or_file) if writer else open(path_or_file, "wb") as f:
         f.write(st.save(state["tensors"], meta))
 
 
 def load_adapter(model, path_or_file) -> None:
-    """Load a save_adapter file (a path or a binary file object): a regular file, a header of a size bounded
-    from the model, whose config, layer shapes, tensor names, dtypes and shapes fit, and only then exactly
-    those tensor bytes. A model without adapters is patched from the file's config first (and unpatched if
-    loading fails)."""
+    """Load a save_adapter file (a path or a binary file object), reading no more than the model's adapter can
+    need. A model without adapters is patched from the file's config first (unpatched if loading fails)."""
     safetensors = _safetensors()
     patched = bool(adapters(model))
     file = f"adapter file {str(path_or_file)[:200]!r}"
     damaged = f"{file} is damaged or not written by save_adapter"
-    n_tensors = len(_saved(model)) if patched else 2 * len(model.state_dict())
-    limit = 2**16 + 2**10 * n_tensors  # 1 KiB a tensor
     reader = hasattr(path_or_file, "read")
-    # a regular file, checked before open() waits on a FIFO
-    if not reader and not stat.S_ISREG(os.stat(os.fspath(path_or_file)).st_mode):
+    if not reader and not stat.S_ISREG(os.stat(os.fspath(path_or_file)).st_mode):  # before open() hangs
         raise ValueError(f"{file} is not a regular file")
     with contextlib.nullcontext(path_or_file) if reader else open(path_or_file, "rb") as f:
         head = f.read(8)
@@ -1358,39 +1266,26 @@ def load_adapter(model, path_or_file) -> None:
                 f"{file} is of the older torch.save format; if you trust it, load it with "
                 "load_adapter_state_dict(model, torch.load(path, weights_only=True)) and save it again"
             )
-        header_size = int.from_bytes(head, "little")
-        if header_size > limit:
-            raise ValueError(
-                f"{file} has a header of more than the {limit} bytes this model's adapter can need"
-            )
-        head += f.read(header_size)
+        if int.from_bytes(head, "little") > 2**16 + 2**11 * len(model.state_dict()):  # 2 KiB a tensor
+            raise ValueError(f"{file} has a longer header than this model's adapter can need")
+        head += f.read(int.from_bytes(head, "little"))
         try:
-            header = json.loads(head[8:])
-            meta = header.pop("__metadata__")
-            sha256 = meta["sha256"]
+            meta = json.loads(head[8:])["__metadata__"]
             state = {k: json.loads(meta[k]) for k in ("format_version", "config", "shapes")}
-            state["tensors"] = {
-                k: torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]], device="meta")
-                for k, e in header.items()
-            }
-            if (
-                max(len(state["config"][k]) for k in ("target_modules", "target_parameters", "trainable"))
-                > 1024
-            ):
-                raise ValueError("its config names more than 1024 modules")
             fields = {k: tuple(v) if type(v) is list else v for k, v in state["config"].items()}
+            if max(len(fields[k]) for k in ("target_modules", "target_parameters", "trainable")) > 1024:
+                raise ValueError("its config names more than 1024 modules")
             config = AdapterConfig(**fields)
         except Exception as e:  # truncated, tampered, not save_adapter's
             raise ValueError(f"{damaged} ({type(e).__name__})") from None
         try:
             if not patched:
                 _patch(model, config)
-            _checked(model, state)
-            size = sum(t.numel() * t.element_size() for t in state["tensors"].values())  # those, now
-            data = f.read(size + 1)
-            if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
-                raise ValueError(f"{damaged} (its tensor bytes changed)")
-            state["tensors"] = safetensors.torch.load(head + data)  # which checks the offsets
+            size = sum(p.numel() * max(8, p.element_size()) for p in _checkpoint(model)["tensors"].values())
+            data = f.read(size + 1)  # at most what float64 tensors of the model's shapes need, + 1
+            if len(data) > size or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+                raise ValueError(f"{damaged} (its tensor bytes are too many, or changed since saving)")
+            state["tensors"] = safetensors.torch.load(head + data)  # which checks the header's byte ranges
             load_adapter_state_dict(model, state)
         except BaseException as e:
             if not patched and adapters(model):  # patched here: undo it
