@@ -1176,8 +1176,9 @@ def adapter_state_dict(model) -> dict:
     return state
 
 
-def load_adapter_state_dict(model, state) -> None:
-    """Load into a model patched with the same config and layer shapes; all is checked before any copy."""
+def _fits(model, state) -> dict:
+    """The model's {key: tensor} once the format, config, entry names and layer shapes of `state` fit it (its
+    entries are not looked at: a file's header can stand in for them)."""
     want = _checkpoint(_sharded(model))  # its tensors: each FSDP2 parameter's shard
     if any(u.merged for u, _ in adapters(model).values()):
         raise ValueError("the model is merged; call unmerge(model) before loading adapters")
@@ -1188,44 +1189,60 @@ def load_adapter_state_dict(model, state) -> None:
         tensors = state.get("tensors")
     except Exception:  # not a dict, or not plain
         plain, tensors = {}, None
-    version, config = plain.get("format_version"), plain.get("config")
+    version, config, shapes = plain.get("format_version"), plain.get("config"), plain.get("shapes")
     if type(version) is not int or version not in (2, FORMAT_VERSION) or type(config) is not dict:
         raise ValueError(
-            f"not an adapter checkpoint of format 2 or {FORMAT_VERSION}, the dict adapter_state_dict() "
-            "writes (format 1 had s = alpha / r and gam from 1/k, these alpha / (r sqrt(n)) and 1/D)"
+            f"not an adapter checkpoint of format 2 or {FORMAT_VERSION} in plain Python types, the dict "
+            "adapter_state_dict() writes (format 1 had s = alpha / r and gam from 1/k, these alpha / "
+            "(r sqrt(n)) and 1/D)"
         )
     if version == 2:  # format 2 had the paper's scaling only
         config = {"scaling": "paper", **config}
-    if set(config) != set(want["config"]) or type(tensors) is not dict:
-        raise ValueError("a checkpoint's 'config' holds AdapterConfig's fields, and its 'tensors' is a dict")
+    odd = sorted(set(config) ^ set(want["config"]))
+    if odd or type(shapes) is not dict or type(tensors) is not dict:
+        raise ValueError(
+            f"a checkpoint's 'config' holds AdapterConfig's fields (it lacks or adds {odd[:5]}), and its "
+            "'shapes' and 'tensors' are dicts"
+        )
     for key in ("method", "r", "alpha", "basis", "seed", "scaling"):
         if config[key] != want["config"][key]:
             raise ValueError(
                 f"checkpoint {key} differs from the model's {key}={want['config'][key]!r}: patch a new model"
             )
-    params = want["tensors"]
-    missing = [k for k in params if k not in tensors]
-    extra = sorted(k[:80] if isinstance(k, str) else type(k).__name__ for k in tensors if k not in params)
+    missing = [k for k in want["tensors"] if k not in tensors]
+    extra = sorted(str(k)[:80] for k in tensors if k not in want["tensors"])
     if missing or extra:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
-    if plain["shapes"] != want["shapes"]:
+    if shapes != want["shapes"]:
+        differ = [(n, s) for n, s in want["shapes"].items() if shapes.get(n) != s]
         raise ValueError(
-            f"the checkpoint's layers have other (out, in) shapes than this model's, which start "
-            f"{list(want['shapes'].items())[:3]}; load it into a model of the shapes it was trained on"
+            f"the checkpoint's layers have other (out, in) shapes than this model's, which are "
+            f"{differ[:5]}; load it into a model of the shapes it was trained on"
         )
+    return want["tensors"]
+
+
+def load_adapter_state_dict(model, state) -> None:
+    """Load into a model patched with the same config and layer shapes; all is checked before any copy."""
+    params = _fits(model, state)
     for key, p in params.items():
-        t = tensors[key]
+        t = state["tensors"][key]
         dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
         castable = dense and (t.dtype == p.dtype or t.is_floating_point() and p.is_floating_point())
         if not castable or t.shape != p.shape:
-            raise ValueError(f"entry {key!r} must be dense, of shape {tuple(p.shape)}, castable to {p.dtype}")
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if dense else f"a {type(t).__name__}, not dense"
+            raise ValueError(
+                f"checkpoint entry {key!r} is {got}; the model expects {p.dtype} (a float: any float "
+                f"dtype) of shape {tuple(p.shape)}"
+            )
         if p.is_meta or t.is_meta:
-            raise ValueError(f"cannot load: the adapters or the checkpoint's tensors are {_ON_META}")
+            where = "the model's adapters are" if p.is_meta else f"checkpoint entry {key!r} is"
+            raise ValueError(f"cannot load: {where} {_ON_META}")
         if p.is_floating_point() and not torch.isfinite(t.to(p.dtype)).all():
             raise ValueError(f"checkpoint entry {key!r} is non-finite as {p.dtype}; nothing was loaded")
     with torch.no_grad():
         for key, p in params.items():
-            _write(p, tensors[key])
+            _write(p, state["tensors"][key])
 
 
 def _safetensors():
@@ -1250,8 +1267,9 @@ def save_adapter(model, path_or_file) -> None:
 
 
 def load_adapter(model, path_or_file) -> None:
-    """Load a save_adapter file (a path or a binary file object), reading no more than the model's adapter can
-    need. A model without adapters is patched from the file's config first (unpatched if loading fails)."""
+    """Load a save_adapter file (a path or a binary file object). Its header is checked as the dict is, and
+    no more tensor bytes are read than the model's adapter can need. A model without adapters is patched from
+    the file's config first (and unpatched if loading fails)."""
     safetensors = _safetensors()
     patched = bool(adapters(model))
     file = f"adapter file {str(path_or_file)[:200]!r}"
@@ -1270,8 +1288,10 @@ def load_adapter(model, path_or_file) -> None:
             raise ValueError(f"{file} has a longer header than this model's adapter can need")
         head += f.read(int.from_bytes(head, "little"))
         try:
-            meta = json.loads(head[8:])["__metadata__"]
+            header = json.loads(head[8:])
+            meta = header.pop("__metadata__")
             state = {k: json.loads(meta[k]) for k in ("format_version", "config", "shapes")}
+            state["tensors"] = {k: list(e["shape"]) for k, e in header.items()}  # the shapes, for now
             fields = {k: tuple(v) if type(v) is list else v for k, v in state["config"].items()}
             if max(len(fields[k]) for k in ("target_modules", "target_parameters", "trainable")) > 1024:
                 raise ValueError("its config names more than 1024 modules")
@@ -1281,15 +1301,20 @@ def load_adapter(model, path_or_file) -> None:
         try:
             if not patched:
                 _patch(model, config)
-            size = sum(p.numel() * max(8, p.element_size()) for p in _checkpoint(model)["tensors"].values())
-            data = f.read(size + 1)  # at most what float64 tensors of the model's shapes need, + 1
+            params = _fits(model, state)  # format, config, names, layer shapes: before any tensor byte
+            for key, p in params.items():
+                if state["tensors"][key] != list(p.shape):
+                    raise ValueError(f"{file}'s entry {key!r} is not of the model's shape {tuple(p.shape)}")
+            size = sum(p.numel() * max(8, p.element_size()) for p in params.values())
+            data = f.read(size + 1)  # at most what float64 tensors of those shapes need, + 1
             if len(data) > size or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
                 raise ValueError(f"{damaged} (its tensor bytes are too many, or changed since saving)")
-            state["tensors"] = safetensors.torch.load(head + data)  # which checks the header's byte ranges
-            load_adapter_state_dict(model, state)
-        except BaseException as e:
+            try:
+                state["tensors"] = safetensors.torch.load(head + data)
+            except Exception as e:  # safetensors' checks of the byte ranges and dtypes
+                raise ValueError(f"{damaged} ({type(e).__name__}: {str(e)[:200]})") from None
+            load_adapter_state_dict(model, state)  # dtypes and values
+        except BaseException:
             if not patched and adapters(model):  # patched here: undo it
                 _unpatch(model, keep_update=False)  # no merge: weights never touched; requires_grad back
-            if isinstance(e, safetensors.SafetensorError):
-                raise ValueError(f"{damaged} ({str(e)[:200]})") from None
             raise

@@ -2929,6 +2929,7 @@ HOSTILE = [
     "NaN values",
     "an unknown name",
     "a missing name",
+    "a large head named, other names stored",
     "symlink to /dev/zero",
     "FIFO",
     "folder",
@@ -3000,6 +3001,16 @@ def write_hostile_files(folder) -> dict:
         "",
         adapter_file({**state, "tensors": {k: v for k, v in state["tensors"].items() if k != "0.qkv.lam"}}),
     )
+    # a config whose trainable blocks the model could need 150 MB for, a header of two other names and a
+    # hole of 200 MiB: the names must be refused from the header, before a tensor byte is read
+    config = {**state["config"], "target_modules": ["0.qkv"], "trainable": [str(i) for i in range(1, 12)]}
+    meta = {k: json.dumps(v) for k, v in {**state, "config": config}.items() if k != "tensors"}
+    other = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": None}
+    other["b"] = {"dtype": "F32", "shape": [200 * 2**18], "data_offsets": [4, 4 + 200 * 2**20]}
+    text = json.dumps({"__metadata__": {**meta, "sha256": "0" * 64}, **other}).encode()
+    path = files["a large head named, other names stored"] = write("", len(text).to_bytes(8, "little") + text)
+    with open(path, "ab") as f:
+        f.truncate(f.tell() + 4 + 200 * 2**20)
     files["symlink to /dev/zero"] = folder / "zero.safetensors"
     os.symlink("/dev/zero", files["symlink to /dev/zero"])
     files["FIFO"] = folder / "fifo.safetensors"
@@ -3090,6 +3101,108 @@ def test_the_good_file_of_the_hostile_set_loads_patched_and_unpatched(hostile_lo
         "patched": "none",
         "unpatched": "none",
     }
+
+
+def file_with_entry(model, name, entry, extra=b""):
+    """save_adapter's bytes for `model`, with header entry `name` set to `entry` (its bytes `extra`,
+    after the others) and the checksum of the bytes as they then are."""
+    buffer = io.BytesIO()
+    R.save_adapter(model, buffer)
+    raw = buffer.getvalue()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :] + extra
+    header[name] = {**entry, "data_offsets": [len(data) - len(extra), len(data)]}
+    header["__metadata__"]["sha256"] = hashlib.sha256(data).hexdigest()
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize("into", ["patched", "unpatched"])
+@pytest.mark.parametrize(
+    "name,entry,extra",
+    [
+        ("x", {"dtype": "F32", "shape": [0, 2**62, 2**62]}, b""),  # torch.empty's stride overflows
+        ("x", {"dtype": "F8_E8M0", "shape": [1]}, b"\0"),  # a dtype safetensors reads, torch may not
+        ("0.lam", {"dtype": "F8_E8M0", "shape": [12, 2]}, bytes(24)),  # the same, under a name it needs
+        ("0.lam", {"dtype": "F32", "shape": [2**62, 2**62]}, b""),
+        ("0.lam", {"dtype": "C64", "shape": [12, 2]}, bytes(192)),
+    ],
+    ids=["overflowing-extra", "f8-extra", "f8-needed", "overflowing-needed", "complex-needed"],
+)
+def test_any_header_entry_safetensors_accepts_is_a_value_error_and_changes_nothing(name, entry, extra, into):
+    src = small_mlp(dtype=torch.float32)
+    R.add_randlora(src, ["0", "2"], r=2, alpha=4.0, seed=3)
+    raw = file_with_entry(src, name, entry, extra)
+    model = small_mlp(dtype=torch.float32)
+    if into == "patched":
+        R.add_randlora(model, ["0", "2"], r=2, alpha=4.0, seed=3)
+    before = fingerprint(model)
+    with pytest.raises(ValueError):
+        R.load_adapter(model, io.BytesIO(raw))
+    assert_same_fingerprint(fingerprint(model), before)
+
+
+def two_linear(head=8):
+    return nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 8), nn.Linear(8, head))
+
+
+@pytest.mark.parametrize("into", ["patched", "unpatched"])
+def test_an_intact_file_for_another_model_is_refused_with_the_difference_not_as_damaged(into):
+    """The config and the names and shapes in the header are checked before the tensor bytes, so a
+    file of another method (into a patched model: an unpatched one takes the file's) or of another
+    head says so."""
+    lora, head = two_linear(), two_linear(head=1000)
+    R.add_lora(lora, ["0", "2"], r=8, alpha=16.0)
+    R.add_randlora(head, ["0", "2"], r=2, alpha=4.0, trainable=["3"])
+    cases = [(head, r"'3.weight' is not of the model's shape \(8, 8\)")]
+    if into == "patched":
+        cases.append((lora, "method differs"))
+    for src, words in cases:
+        buffer = io.BytesIO()
+        R.save_adapter(src, buffer)
+        model = two_linear()
+        if into == "patched":
+            R.add_randlora(model, ["0", "2"], r=2, alpha=4.0, trainable=["3"])
+        before = fingerprint(model)
+        with pytest.raises(ValueError, match=words):
+            R.load_adapter(model, io.BytesIO(buffer.getvalue()))
+        assert_same_fingerprint(fingerprint(model), before)
+
+
+def test_refusals_of_a_state_dict_say_what_differs():
+    """Which layers have other shapes, what an entry is, which config fields are odd, and that
+    the plain part must be plain."""
+    import numpy as np
+
+    src = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)], nn.Linear(8, 6))
+    dst = nn.Sequential(*[nn.Linear(8, 8) for _ in range(7)])
+    targets = [str(i) for i in range(7)]
+    for m in (src, dst):
+        R.add_randlora(m, targets, r=2, alpha=4.0)
+    state = R.adapter_state_dict(src)
+    with pytest.raises(
+        ValueError, match=r"other \(out, in\) shapes than this model's, which are \[\('6', \[8, 8\]\)\]"
+    ):
+        R.load_adapter_state_dict(dst, state)
+    state = R.adapter_state_dict(dst)
+    cases = [
+        (
+            ("tensors", "0.lam"),
+            state["tensors"]["0.lam"].int(),
+            r"'0.lam' is torch.int32 of shape \(4, 2\)",
+        ),
+        (("config", "seed"), np.int64(0), "plain Python types"),
+        (("config", "colour"), "red", r"lacks or adds \['colour'\]"),
+    ]
+    for (part, key), value, words in cases:
+        bad = copy.deepcopy(state)
+        bad[part][key] = value
+        with pytest.raises(ValueError, match=words):
+            R.load_adapter_state_dict(dst, bad)
+    bad = copy.deepcopy(state)
+    bad["tensors"]["0.lam"] = torch.zeros_like(state["tensors"]["0.lam"], device="meta")
+    with pytest.raises(ValueError, match="checkpoint entry '0.lam' is on the meta device"):
+        R.load_adapter_state_dict(dst, bad)
 
 
 def test_bit_flipped_checkpoint_fails_or_loads_exactly_what_was_saved(tmp_path):
