@@ -104,8 +104,9 @@ __all__ = [
     "SCALINGS",
 ]
 
-# 3: safetensors files; 2: torch.save, s = alpha / (r sqrt(n)), gam 1/D; 1: alpha / r, 1/k
-FORMAT_VERSION = 3
+# 4: the file's checksum covers its header; 3: safetensors files, checksum of the tensor bytes only;
+# 2: torch.save, s = alpha / (r sqrt(n)), gam 1/D; 1: alpha / r, 1/k
+FORMAT_VERSION = 4
 BASES = ("uniform", "normal", "binary", "sparse", "very_sparse")
 PATHS = ("auto", "materialised", "factored")
 SCALINGS = ("paper", "peft")
@@ -797,8 +798,16 @@ def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
             delattr(src, attr)
 
 
-def _patch(model, c: AdapterConfig) -> list:
-    """Validate everything, then freeze the model and install an adapter on every target."""
+def _n_trainable(method: str, r: int, ws: list) -> int:
+    """How many numbers adapters on the weights `ws` train: LoRA r (in + out), RandLoRA n (r + k) each."""
+    if method == "lora":
+        return sum(r * sum(w.shape) for w in ws)
+    return sum(math.ceil(min(w.shape) / r) * (r + min(w.shape)) for w in ws)
+
+
+def _patch(model, c: AdapterConfig, max_numbers=None) -> list:
+    """Validate everything, then freeze the model and install an adapter on every target (refused, before
+    anything is allocated, if the adapters would train more than `max_numbers` numbers)."""
     names = {f: _as_names(getattr(c, f), f) for f in ("target_modules", "target_parameters", "trainable")}
     c = replace(c, **names)
     rand = c.method == "randlora"
@@ -812,6 +821,11 @@ def _patch(model, c: AdapterConfig) -> list:
             raise ValueError(
                 f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}"
             )
+    n = _n_trainable(c.method, c.r, [t[3] for t in targets])
+    if max_numbers is not None and n > max_numbers:
+        raise ValueError(
+            f"its adapters would train {n} numbers, more than its {max_numbers} bytes of tensors"
+        )
     device = targets[0][3].device
     if rand:
         k_max = max(min(t[3].shape) for t in targets)
@@ -829,6 +843,7 @@ def _patch(model, c: AdapterConfig) -> list:
         shared = SharedBases(torch.empty(0, device=device), torch.empty(0, device=device), c)
         gen = torch.Generator("cpu").manual_seed(c.seed)
     shared.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    shared.parameters_before = {n: list(m._parameters) for n, m in model.named_modules()}  # names, in order
     model.requires_grad_(False)
     for p in extra.values():
         p.requires_grad_(True)
@@ -921,10 +936,10 @@ def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=())
     mods = _as_names(target_modules, "target_modules")
     params = _as_names(target_parameters, "target_parameters")
     ws = [t[3] for t in _find_targets(model, mods, params)]
-    budget = sum(lora_rank * sum(w.shape) for w in ws)
+    budget = _n_trainable("lora", lora_rank, ws)
 
     def count(r):
-        return sum(math.ceil(min(w.shape) / r) * (r + min(w.shape)) for w in ws)
+        return _n_trainable("randlora", r, ws)
 
     k_min = min(min(w.shape) for w in ws)
     return min(range(1, k_min + 1), key=lambda r: (abs(count(r) - budget), count(r)))
@@ -1090,7 +1105,7 @@ def unmerge(model) -> int:
 def _unpatch(model, keep_update: bool) -> nn.Module:
     """The original modules back (with their hooks and mode); raw weights keep their parametrizations'
     value (W + DeltaW, and any parametrization stacked after it) if `keep_update`, else their stored
-    weight; every parameter's requires_grad as it was before patching."""
+    weight; every parameter's requires_grad and place as they were before patching."""
     shared = [m for m in model.modules() if isinstance(m, SharedBases)]
     for name, (u, _) in adapters(model).items():
         if isinstance(u, (RandLoRALinear, LoRALinear)):
@@ -1103,6 +1118,11 @@ def _unpatch(model, keep_update: bool) -> nn.Module:
     if shared:
         for n, p in model.named_parameters():
             p.requires_grad_(shared[0].requires_grad_before.get(n, p.requires_grad))
+        for prefix, m in model.named_modules():
+            # removing a parametrization registers the weight last: put each parameter back in its place
+            order = shared[0].parameters_before.get(prefix, [])
+            for k in sorted(m._parameters, key=lambda k: order.index(k) if k in order else len(order)):
+                m._parameters[k] = m._parameters.pop(k)
     return model
 
 
@@ -1190,9 +1210,9 @@ def _fits(model, state) -> dict:
     except Exception:  # not a dict, or not plain
         plain, tensors = {}, None
     version, config, shapes = plain.get("format_version"), plain.get("config"), plain.get("shapes")
-    if type(version) is not int or version not in (2, FORMAT_VERSION) or type(config) is not dict:
+    if type(version) is not int or version not in (2, 3, FORMAT_VERSION) or type(config) is not dict:
         raise ValueError(
-            f"not an adapter checkpoint of format 2 or {FORMAT_VERSION} in plain Python types, the dict "
+            f"not an adapter checkpoint of format 2 to {FORMAT_VERSION} in plain Python types, the dict "
             "adapter_state_dict() writes (format 1 had s = alpha / r and gam from 1/k, these alpha / "
             "(r sqrt(n)) and 1/D)"
         )
@@ -1204,6 +1224,13 @@ def _fits(model, state) -> dict:
             f"a checkpoint's 'config' holds AdapterConfig's fields (it lacks or adds {odd[:5]}), and its "
             "'shapes' and 'tensors' are dicts"
         )
+    try:  # the checks patching makes, so that a patched and a fresh model judge a checkpoint alike
+        basis = config["basis"] if config["method"] == "randlora" else "uniform"
+        _check_hparams(
+            config["r"], config["alpha"], config["dropout"], config["seed"], basis, config["scaling"]
+        )
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"the checkpoint's config: {e}") from None
     for key in ("method", "r", "alpha", "basis", "seed", "scaling"):
         if config[key] != want["config"][key]:
             raise ValueError(
@@ -1212,9 +1239,13 @@ def _fits(model, state) -> dict:
     missing = [k for k in want["tensors"] if k not in tensors]
     extra = sorted(str(k)[:80] for k in tensors if k not in want["tensors"])
     if missing or extra:
-        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise ValueError(
+            f"checkpoint does not fit this model (their targets or trainable modules differ): missing "
+            f"{missing[:5]}, unexpected {extra[:5]}"
+        )
     if shapes != want["shapes"]:
-        differ = [(n, s) for n, s in want["shapes"].items() if shapes.get(n) != s]
+        layers = sorted({*shapes, *want["shapes"]}, key=str)
+        differ = [(n, want["shapes"].get(n)) for n in layers if shapes.get(n) != want["shapes"].get(n)]
         raise ValueError(
             f"the checkpoint's layers have other (out, in) shapes than this model's, which are "
             f"{differ[:5]}; load it into a model of the shapes it was trained on"
@@ -1255,12 +1286,15 @@ def _safetensors():
 
 def save_adapter(model, path_or_file) -> None:
     """adapter_state_dict(model) as a safetensors file: its tensors; as metadata the format version, config
-    and layer shapes in JSON, and the SHA-256 of the tensor bytes (safetensors keeps no checksum)."""
+    and layer shapes in JSON, and the SHA-256 of the header and the tensor bytes (safetensors keeps no
+    checksum)."""
     st = _safetensors().torch
     state = adapter_state_dict(model)
     meta = {k: json.dumps(state[k]) for k in ("format_version", "config", "shapes")}
-    body = st.save(state["tensors"])  # the same tensor bytes, after a header without the metadata
-    meta["sha256"] = hashlib.sha256(body[8 + int.from_bytes(body[:8], "little") :]).hexdigest()
+    body = st.save(state["tensors"], meta)  # the file but its checksum
+    n = int.from_bytes(body[:8], "little")
+    header = json.dumps(json.loads(body[8 : 8 + n]), sort_keys=True).encode()  # as load_adapter reads it
+    meta["sha256"] = hashlib.sha256(header + body[8 + n :]).hexdigest()
     writer = hasattr(path_or_file, "write")
     with contextlib.nullcontext(path_or_file) if writer else open(path_or_file, "wb") as f:
         f.write(st.save(state["tensors"], meta))
@@ -1279,6 +1313,10 @@ def load_adapter(model, path_or_file) -> None:
         raise ValueError(f"{file} is not a regular file")
     with contextlib.nullcontext(path_or_file) if reader else open(path_or_file, "rb") as f:
         head = f.read(8)
+        if not isinstance(head, bytes):
+            raise TypeError(f"{file} is open in text mode; open it with open(path, 'rb')")
+        if not head:
+            raise ValueError(f"{damaged}: it is empty (a file object just written to needs seek(0) first)")
         if head[:2] == b"PK":
             raise ValueError(
                 f"{file} is of the older torch.save format; if you trust it, load it with "
@@ -1289,25 +1327,35 @@ def load_adapter(model, path_or_file) -> None:
         head += f.read(int.from_bytes(head, "little"))
         try:
             header = json.loads(head[8:])
-            meta = header.pop("__metadata__")
+            meta = header["__metadata__"]
+            sha256 = meta.pop("sha256")
+            canonical = json.dumps(header, sort_keys=True).encode()  # the header as save_adapter hashed it
             state = {k: json.loads(meta[k]) for k in ("format_version", "config", "shapes")}
-            state["tensors"] = {k: list(e["shape"]) for k, e in header.items()}  # the shapes, for now
+            entries = {k: e for k, e in header.items() if k != "__metadata__"}
+            state["tensors"] = {k: list(e["shape"]) for k, e in entries.items()}  # the shapes, for now
             fields = {k: tuple(v) if type(v) is list else v for k, v in state["config"].items()}
             if max(len(fields[k]) for k in ("target_modules", "target_parameters", "trainable")) > 1024:
                 raise ValueError("its config names more than 1024 modules")
             config = AdapterConfig(**fields)
         except Exception as e:  # truncated, tampered, not save_adapter's
-            raise ValueError(f"{damaged} ({type(e).__name__})") from None
+            raise ValueError(f"{damaged} ({type(e).__name__}: {str(e)[:200]})") from None
         try:
             if not patched:
-                _patch(model, config)
+                here = f.tell()
+                available = f.seek(0, os.SEEK_END) - here  # bytes of tensors the file holds
+                f.seek(here)
+                try:  # refused before allocating adapters the file cannot hold
+                    _patch(model, config, max_numbers=available)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"{file}'s config: {e}") from None
             params = _fits(model, state)  # format, config, names, layer shapes: before any tensor byte
             for key, p in params.items():
                 if state["tensors"][key] != list(p.shape):
                     raise ValueError(f"{file}'s entry {key!r} is not of the model's shape {tuple(p.shape)}")
             size = sum(p.numel() * max(8, p.element_size()) for p in params.values())
             data = f.read(size + 1)  # at most what float64 tensors of those shapes need, + 1
-            if len(data) > size or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            covered = data if state["format_version"] == 3 else canonical + data  # format 3: tensor bytes
+            if len(data) > size or hashlib.sha256(covered).hexdigest() != sha256:
                 raise ValueError(f"{damaged} (its tensor bytes are too many, or changed since saving)")
             try:
                 state["tensors"] = safetensors.torch.load(head + data)

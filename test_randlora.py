@@ -88,10 +88,18 @@ def read_adapter_file(path):
     }
 
 
+def checksum(header: dict, data: bytes) -> str:
+    """The SHA-256 save_adapter writes: of the header as JSON with sorted keys (its own entry left out),
+    then the tensor bytes."""
+    header = copy.deepcopy(header)
+    header["__metadata__"].pop("sha256", None)
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode() + data).hexdigest()
+
+
 def adapter_file(state):
     """The bytes of the file save_adapter writes, built here with safetensors from an adapter_state_dict,
     perhaps tampered: the tensors safetensors can hold (dense, on the CPU; others are left out), the plain
-    parts as JSON metadata (tensors in them as lists), and the SHA-256 of the tensor bytes."""
+    parts as JSON metadata (tensors in them as lists), and the checksum of header and tensor bytes."""
     from safetensors.torch import save
 
     tensors = state.get("tensors") if isinstance(state.get("tensors"), dict) else {}
@@ -104,8 +112,9 @@ def adapter_file(state):
         json.dumps, default=lambda o: o.tolist() if isinstance(o, torch.Tensor) else str(o)
     )
     meta = {k: plain(state[k]) for k in ("format_version", "config", "shapes") if k in state}
-    body = save(tensors)
-    meta["sha256"] = hashlib.sha256(body[8 + int.from_bytes(body[:8], "little") :]).hexdigest()
+    body = save(tensors, meta)
+    n = int.from_bytes(body[:8], "little")
+    meta["sha256"] = checksum(json.loads(body[8 : 8 + n]), body[8 + n :])
     return save(tensors, meta)
 
 
@@ -2810,7 +2819,8 @@ def test_an_adapter_file_is_safetensors_with_the_config_in_its_metadata(tmp_path
         meta, keys = f.metadata(), set(f.keys())
     assert json.loads(meta["config"]) == R.adapter_state_dict(model)["config"]
     assert (
-        json.loads(meta["config"])["target_modules"] == ["0", "2"] and json.loads(meta["format_version"]) == 3
+        json.loads(meta["config"])["target_modules"] == ["0", "2"]
+        and json.loads(meta["format_version"]) == R.FORMAT_VERSION
     )
     assert json.loads(meta["shapes"]) == {"0": [12, 8], "2": [8, 12]}
     assert keys == {"0.lam", "0.gam", "2.lam", "2.gam"}  # no bases
@@ -2930,6 +2940,7 @@ HOSTILE = [
     "an unknown name",
     "a missing name",
     "a large head named, other names stored",
+    "a LoRA config of rank 384, 4 bytes of tensors",
     "symlink to /dev/zero",
     "FIFO",
     "folder",
@@ -2952,7 +2963,7 @@ def write_hostile_files(folder) -> dict:
         return path
 
     def edited(header, data):  # the checksum of the data as it is
-        header["__metadata__"]["sha256"] = hashlib.sha256(data).hexdigest()
+        header["__metadata__"]["sha256"] = checksum(header, data)
         text = json.dumps(header).encode()
         return len(text).to_bytes(8, "little") + text + data
 
@@ -3011,6 +3022,15 @@ def write_hostile_files(folder) -> dict:
     path = files["a large head named, other names stored"] = write("", len(text).to_bytes(8, "little") + text)
     with open(path, "ab") as f:
         f.truncate(f.tell() + 4 + 200 * 2**20)
+    # adapters of 2 x 21M numbers asked for by 1.6 KB: refused before they are allocated
+    config = {**state["config"], "method": "lora", "r": 384}
+    meta = {k: json.dumps(v) for k, v in {**state, "config": config}.items() if k != "tensors"}
+    header = {"__metadata__": meta, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    header["__metadata__"]["sha256"] = checksum(header, bytes(4))
+    text = json.dumps(header).encode()
+    files["a LoRA config of rank 384, 4 bytes of tensors"] = write(
+        "", len(text).to_bytes(8, "little") + text + bytes(4)
+    )
     files["symlink to /dev/zero"] = folder / "zero.safetensors"
     os.symlink("/dev/zero", files["symlink to /dev/zero"])
     files["FIFO"] = folder / "fifo.safetensors"
@@ -3112,7 +3132,7 @@ def file_with_entry(model, name, entry, extra=b""):
     n = int.from_bytes(raw[:8], "little")
     header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :] + extra
     header[name] = {**entry, "data_offsets": [len(data) - len(extra), len(data)]}
-    header["__metadata__"]["sha256"] = hashlib.sha256(data).hexdigest()
+    header["__metadata__"]["sha256"] = checksum(header, data)
     text = json.dumps(header).encode()
     return len(text).to_bytes(8, "little") + text + data
 
@@ -3205,32 +3225,135 @@ def test_refusals_of_a_state_dict_say_what_differs():
         R.load_adapter_state_dict(dst, bad)
 
 
-def test_bit_flipped_checkpoint_fails_or_loads_exactly_what_was_saved(tmp_path):
-    """One flipped bit anywhere in the file: either a ValueError, or the saved values; never
-    silently different lam/gam. safetensors keeps no checksum: save_adapter's SHA-256 does."""
+@pytest.mark.parametrize("into", ["patched", "unpatched"])
+def test_bit_flipped_checkpoint_fails_or_loads_exactly_what_was_saved(into):
+    """One flipped bit anywhere in the file, header included: either a ValueError, or the saved
+    checkpoint (config, shapes and values); never a silently different adapter, such as another
+    seed in a fresh model. safetensors keeps no checksum: save_adapter's SHA-256 does."""
     src = nn.Sequential(nn.Linear(4, 6))
-    R.add_randlora(src, "0", r=2, alpha=4.0)
+    R.add_randlora(src, "0", r=2, alpha=4.0, seed=3)
     set_update_size(src, 0.1)
-    path, flipped = tmp_path / "adapter.safetensors", tmp_path / "flipped.safetensors"
-    R.save_adapter(src, path)
-    saved = R.adapter_state_dict(src)["tensors"]
-    raw = path.read_bytes()
-    dst0 = copy.deepcopy(src)
-    set_update_size(dst0, 0.1, seed=5)  # other values to start from
+    buffer = io.BytesIO()
+    R.save_adapter(src, buffer)
+    saved, raw = R.adapter_state_dict(src), buffer.getvalue()
+    dst0 = nn.Sequential(nn.Linear(4, 6))
+    if into == "patched":
+        dst0 = copy.deepcopy(src)
+        set_update_size(dst0, 0.1, seed=5)  # other values to start from
     silently_changed = []
     for i in range(len(raw)):
         b = bytearray(raw)
         b[i] ^= 1 << (i % 8)
-        flipped.write_bytes(b)
         dst = copy.deepcopy(dst0)
         try:
-            R.load_adapter(dst, flipped)
-        except ValueError:
+            R.load_adapter(dst, io.BytesIO(bytes(b)))
+        except (ValueError, TypeError):
             continue
-        loaded = R.adapter_state_dict(dst)["tensors"]
-        if any(not torch.equal(bits(loaded[k]), bits(saved[k])) for k in saved):
+        loaded = R.adapter_state_dict(dst)
+        same = all(
+            torch.equal(bits(loaded["tensors"][k]), bits(saved["tensors"][k])) for k in saved["tensors"]
+        )
+        if not same or (loaded["config"], loaded["shapes"]) != (saved["config"], saved["shapes"]):
             silently_changed.append(i)
-    assert not silently_changed, f"{len(silently_changed)} of {len(raw)} one-bit flips load other values"
+    assert not silently_changed, f"{len(silently_changed)} of {len(raw)} one-bit flips load another adapter"
+
+
+def test_swapped_byte_ranges_of_two_entries_are_refused():
+    """Two entries of one shape trading places keep every tensor byte: the checksum covers the header."""
+    src = small_mlp()
+    R.add_randlora(src, ["0", "2"], r=2, alpha=4.0)
+    buffer = io.BytesIO()
+    R.save_adapter(src, buffer)
+    raw = buffer.getvalue()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    a, b = (k for k in header if k.endswith(".lam") and header[k]["shape"] == header["0.lam"]["shape"])
+    header[a]["data_offsets"], header[b]["data_offsets"] = (
+        header[b]["data_offsets"],
+        header[a]["data_offsets"],
+    )
+    text = json.dumps(header).encode()
+    with pytest.raises(ValueError, match="changed since saving"):
+        R.load_adapter(small_mlp(), io.BytesIO(len(text).to_bytes(8, "little") + text + raw[8 + n :]))
+
+
+def test_a_file_of_format_3_whose_checksum_covers_the_tensor_bytes_loads():
+    """Format 3 files (this library's first safetensors files) hashed only their tensor bytes."""
+    src = patched_mlp(seed=1)
+    buffer = io.BytesIO()
+    R.save_adapter(src, buffer)
+    raw = buffer.getvalue()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    header["__metadata__"].update(format_version="3", sha256=hashlib.sha256(data).hexdigest())
+    text = json.dumps(header).encode()
+    dst = small_mlp()
+    R.load_adapter(dst, io.BytesIO(len(text).to_bytes(8, "little") + text + data))
+    x = torch.randn(5, 8)
+    assert torch.equal(dst.eval()(x), src.eval()(x))
+
+
+@pytest.mark.parametrize("how", ["failed load", "unload"])
+def test_unpatching_a_raw_parameter_keeps_every_parameter_in_its_place(how):
+    """Removing a parametrization registers the weight last; an optimizer that matches parameters by
+    position needs them where they were."""
+
+    def model():
+        return nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 8), nn.BatchNorm1d(8))
+
+    cfg = dict(target_modules=[], r=2, alpha=4.0, target_parameters=["0.weight", "2.weight"], trainable=["3"])
+    dst = model()
+    before = [n for n, _ in dst.named_parameters()]
+    if how == "unload":
+        R.add_randlora(dst, **cfg)
+        R.unload(dst)
+    else:
+        src = model()
+        R.add_randlora(src, **cfg)
+        state = R.adapter_state_dict(src)
+        state["tensors"]["0.weight.lam"] = torch.full_like(state["tensors"]["0.weight.lam"], math.nan)
+        fingerprint_before = fingerprint(dst)
+        with pytest.raises(ValueError, match="non-finite"):
+            R.load_adapter(dst, io.BytesIO(adapter_file(state)))
+        assert_same_fingerprint(fingerprint(dst), fingerprint_before)
+    assert [n for n, _ in dst.named_parameters()] == before
+
+
+def test_a_file_opened_in_text_mode_or_not_rewound_says_so(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    R.save_adapter(patched_mlp(seed=1), path)
+    with open(path, encoding="latin-1") as f, pytest.raises(TypeError, match="'rb'"):
+        R.load_adapter(patched_mlp(), f)
+    buffer = io.BytesIO()
+    R.save_adapter(patched_mlp(seed=1), buffer)
+    with pytest.raises(ValueError, match=r"seek\(0\)"):
+        R.load_adapter(patched_mlp(), buffer)
+
+
+@pytest.mark.parametrize("into", ["patched", "unpatched"])
+def test_a_config_of_the_wrong_types_is_refused_alike_by_patched_and_fresh_models(into):
+    """r = 2.0 equals 2, but it is not an int: both refuse it, and say the checkpoint's config is at fault."""
+    state = R.adapter_state_dict(patched_mlp(seed=1))
+    state["config"]["r"] = 2.0
+    model = patched_mlp() if into == "patched" else small_mlp()
+    before = fingerprint(model)
+    with pytest.raises(TypeError, match="config: r and seed must be ints"):
+        R.load_adapter(model, io.BytesIO(adapter_file(state)))
+    assert_same_fingerprint(fingerprint(model), before)
+
+
+def test_a_layer_only_the_checkpoint_has_is_named_and_so_is_a_differing_trainable():
+    state = R.adapter_state_dict(patched_mlp(seed=1))
+    odd = copy.deepcopy(state)
+    odd["shapes"]["9"] = [3, 3]
+    with pytest.raises(ValueError, match=r"which are \[\('9', None\)\]"):
+        R.load_adapter_state_dict(patched_mlp(), odd)
+    head = small_mlp()
+    R.add_randlora(head, ["0"], r=2, alpha=4.0, seed=3, trainable=["2"])
+    dst = small_mlp()
+    R.add_randlora(dst, ["0"], r=2, alpha=4.0, seed=3)
+    with pytest.raises(ValueError, match=r"trainable modules differ.*unexpected \['2.bias', '2.weight'\]"):
+        R.load_adapter_state_dict(dst, R.adapter_state_dict(head))
 
 
 # --------------------------------------------------------------------------- bench.py and the fast path
