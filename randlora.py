@@ -641,7 +641,9 @@ def _is_real(v) -> bool:
 _MAX_ALPHA = 1e6  # |alpha| above this overflows float32 updates at init
 
 
-def _check_hparams(r, alpha, dropout, seed, basis="uniform", scaling="paper"):
+def _check_hparams(r, alpha, dropout, seed, basis="uniform", scaling="paper", method="randlora"):
+    if method not in ("randlora", "lora"):
+        raise ValueError(f"unknown method {method!r}; choose 'randlora' or 'lora'")
     if type(r) is not int or type(seed) is not int:
         raise TypeError(f"r and seed must be ints, got r={r!r}, seed={seed!r}")
     if r < 1:
@@ -811,7 +813,7 @@ def _patch(model, c: AdapterConfig, max_numbers=None) -> list:
     names = {f: _as_names(getattr(c, f), f) for f in ("target_modules", "target_parameters", "trainable")}
     c = replace(c, **names)
     rand = c.method == "randlora"
-    _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if rand else "uniform", c.scaling)
+    _check_hparams(c.r, c.alpha, c.dropout, c.seed, c.basis if rand else "uniform", c.scaling, c.method)
     targets = _find_targets(model, c.target_modules, c.target_parameters)
     extra = _extra_trainables(model, c.trainable, targets)
     for name, _, _, w in targets:
@@ -1225,10 +1227,9 @@ def _fits(model, state) -> dict:
             "'shapes' and 'tensors' are dicts"
         )
     try:  # the checks patching makes, so that a patched and a fresh model judge a checkpoint alike
-        basis = config["basis"] if config["method"] == "randlora" else "uniform"
-        _check_hparams(
-            config["r"], config["alpha"], config["dropout"], config["seed"], basis, config["scaling"]
-        )
+        c = config
+        basis = c["basis"] if c["method"] == "randlora" else "uniform"
+        _check_hparams(c["r"], c["alpha"], c["dropout"], c["seed"], basis, c["scaling"], c["method"])
     except (TypeError, ValueError) as e:
         raise type(e)(f"the checkpoint's config: {e}") from None
     for key in ("method", "r", "alpha", "basis", "seed", "scaling"):
@@ -1317,7 +1318,7 @@ def load_adapter(model, path_or_file) -> None:
             raise TypeError(f"{file} is open in text mode; open it with open(path, 'rb')")
         if not head:
             raise ValueError(f"{damaged}: it is empty (a file object just written to needs seek(0) first)")
-        if head[:2] == b"PK":
+        if head[:4] == b"PK\x03\x04":  # a zip; as a header length, 67 MB: beyond any bound
             raise ValueError(
                 f"{file} is of the older torch.save format; if you trust it, load it with "
                 "load_adapter_state_dict(model, torch.load(path, weights_only=True)) and save it again"
@@ -1341,9 +1342,15 @@ def load_adapter(model, path_or_file) -> None:
             raise ValueError(f"{damaged} ({type(e).__name__}: {str(e)[:200]})") from None
         try:
             if not patched:
-                here = f.tell()
-                available = f.seek(0, os.SEEK_END) - here  # bytes of tensors the file holds
-                f.seek(here)
+                try:
+                    here = f.tell()
+                    available = f.seek(0, os.SEEK_END) - here  # bytes of tensors the file holds
+                    f.seek(here)
+                except (AttributeError, OSError):
+                    raise ValueError(
+                        f"{file} cannot seek: load it into a model without adapters from a path or a "
+                        "seekable file object (or patch the model first)"
+                    ) from None
                 try:  # refused before allocating adapters the file cannot hold
                     _patch(model, config, max_numbers=available)
                 except (TypeError, ValueError) as e:

@@ -3331,6 +3331,54 @@ def test_a_file_opened_in_text_mode_or_not_rewound_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("into", ["patched", "unpatched"])
+def test_a_method_that_is_not_exactly_randlora_or_lora_is_refused(into):
+    """Patching builds LoRA for any method but "randlora", and the size bound counts RandLoRA's numbers
+    for any method but "lora": a "LoRA" file would get past the bound and load as what it is not."""
+    state = R.adapter_state_dict(patched_mlp(seed=1))
+    state["config"]["method"] = "LoRA"
+    model = patched_mlp() if into == "patched" else small_mlp()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="unknown method 'LoRA'"):
+        R.load_adapter(model, io.BytesIO(adapter_file(state)))
+    assert_same_fingerprint(fingerprint(model), before)
+
+
+def test_a_header_whose_length_starts_with_pk_is_not_taken_for_a_zip():
+    """A header of 0x4B50 bytes begins the file with b"PK": only a zip's b"PK\\x03\\x04" is torch.save's."""
+    src = patched_mlp(seed=1)
+    buffer = io.BytesIO()
+    R.save_adapter(src, buffer)
+    raw = buffer.getvalue()
+    n = int.from_bytes(raw[:8], "little")
+    text = raw[8 : 8 + n].ljust(0x4B50)  # safetensors pads its header with spaces too
+    dst = small_mlp()
+    R.load_adapter(dst, io.BytesIO(len(text).to_bytes(8, "little") + text + raw[8 + n :]))
+    x = torch.randn(5, 8)
+    assert torch.equal(dst.eval()(x), src.eval()(x))
+
+
+def test_a_stream_that_cannot_seek_loads_into_a_patched_model_and_is_refused_by_a_fresh_one():
+    """A fresh model is patched only once the file's size bounds the adapters; a pipe has no size."""
+
+    class Pipe:
+        def __init__(self, raw):
+            self.read = io.BytesIO(raw).read
+
+    src = patched_mlp(seed=1)
+    buffer = io.BytesIO()
+    R.save_adapter(src, buffer)
+    dst = patched_mlp()
+    R.load_adapter(dst, Pipe(buffer.getvalue()))
+    x = torch.randn(5, 8)
+    assert torch.equal(dst.eval()(x), src.eval()(x))
+    fresh = small_mlp()
+    before = fingerprint(fresh)
+    with pytest.raises(ValueError, match="cannot seek"):
+        R.load_adapter(fresh, Pipe(buffer.getvalue()))
+    assert_same_fingerprint(fingerprint(fresh), before)
+
+
+@pytest.mark.parametrize("into", ["patched", "unpatched"])
 def test_a_config_of_the_wrong_types_is_refused_alike_by_patched_and_fresh_models(into):
     """r = 2.0 equals 2, but it is not an int: both refuse it, and say the checkpoint's config is at fault."""
     state = R.adapter_state_dict(patched_mlp(seed=1))
