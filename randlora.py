@@ -1227,9 +1227,9 @@ def _fits(model, state) -> dict:
             "'shapes' and 'tensors' are dicts"
         )
     try:  # the checks patching makes, so that a patched and a fresh model judge a checkpoint alike
-        c = config
-        basis = c["basis"] if c["method"] == "randlora" else "uniform"
-        _check_hparams(c["r"], c["alpha"], c["dropout"], c["seed"], basis, c["scaling"], c["method"])
+        basis = config["basis"] if config["method"] == "randlora" else "uniform"
+        numbers = [config[k] for k in ("r", "alpha", "dropout", "seed")]
+        _check_hparams(*numbers, basis, config["scaling"], config["method"])
     except (TypeError, ValueError) as e:
         raise type(e)(f"the checkpoint's config: {e}") from None
     for key in ("method", "r", "alpha", "basis", "seed", "scaling"):
@@ -1304,7 +1304,8 @@ def save_adapter(model, path_or_file) -> None:
 def load_adapter(model, path_or_file) -> None:
     """Load a save_adapter file (a path or a binary file object). Its header is checked as the dict is, and
     no more tensor bytes are read than the model's adapter can need. A model without adapters is patched from
-    the file's config first (and unpatched if loading fails)."""
+    the file's config first, if the file's size can hold what that patch trains (so a file object must seek),
+    and unpatched if loading fails."""
     safetensors = _safetensors()
     patched = bool(adapters(model))
     file = f"adapter file {str(path_or_file)[:200]!r}"
@@ -1363,7 +1364,9 @@ def load_adapter(model, path_or_file) -> None:
             data = f.read(size + 1)  # at most what float64 tensors of those shapes need, + 1
             covered = data if state["format_version"] == 3 else canonical + data  # format 3: tensor bytes
             if len(data) > size or hashlib.sha256(covered).hexdigest() != sha256:
-                raise ValueError(f"{damaged} (its tensor bytes are too many, or changed since saving)")
+                raise ValueError(
+                    f"{damaged} (its header or tensor bytes changed since saving, or are too many)"
+                )
             try:
                 state["tensors"] = safetensors.torch.load(head + data)
             except Exception as e:  # safetensors' checks of the byte ranges and dtypes
