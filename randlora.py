@@ -173,6 +173,8 @@ class SharedBases(nn.Module):
         super().__init__()
         self.config = config
         self.layers = []  # RandLoRA layers: plain references
+        self.requires_grad_before = {}  # {parameter name: requires_grad} before patching, for unpatching
+        self.parameters_before = {}  # {module name: its parameters' names, in order}, the same
         self.register_buffer("A", A, persistent=False)  # (r, k_max)
         self.register_buffer("B", B, persistent=False)  # (n_max, D_max, r)
 
@@ -823,10 +825,11 @@ def _patch(model, c: AdapterConfig, max_numbers=None) -> list:
             raise ValueError(
                 f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}"
             )
-    n = _n_trainable(c.method, c.r, [t[3] for t in targets])
-    if max_numbers is not None and n > max_numbers:
+    n_numbers = _n_trainable(c.method, c.r, [t[3] for t in targets])
+    if max_numbers is not None and n_numbers > max_numbers:
         raise ValueError(
-            f"its adapters would train {n} numbers, more than its {max_numbers} bytes of tensors"
+            f"its adapters would train {n_numbers} numbers, but the file holds {max_numbers} bytes of tensors"
+            " (a number takes at least one): it is truncated or was not written by save_adapter"
         )
     device = targets[0][3].device
     if rand:
@@ -939,12 +942,9 @@ def rank_for_budget(model, target_modules, lora_rank: int, target_parameters=())
     params = _as_names(target_parameters, "target_parameters")
     ws = [t[3] for t in _find_targets(model, mods, params)]
     budget = _n_trainable("lora", lora_rank, ws)
-
-    def count(r):
-        return _n_trainable("randlora", r, ws)
-
     k_min = min(min(w.shape) for w in ws)
-    return min(range(1, k_min + 1), key=lambda r: (abs(count(r) - budget), count(r)))
+    counts = {r: _n_trainable("randlora", r, ws) for r in range(1, k_min + 1)}
+    return min(counts, key=lambda r: (abs(counts[r] - budget), counts[r]))
 
 
 def trainable_parameters(model) -> int:
@@ -1122,9 +1122,10 @@ def _unpatch(model, keep_update: bool) -> nn.Module:
             p.requires_grad_(shared[0].requires_grad_before.get(n, p.requires_grad))
         for prefix, m in model.named_modules():
             # removing a parametrization registers the weight last: put each parameter back in its place
-            order = shared[0].parameters_before.get(prefix, [])
-            for k in sorted(m._parameters, key=lambda k: order.index(k) if k in order else len(order)):
-                m._parameters[k] = m._parameters.pop(k)
+            # (in the module's own dict of them: torch has no public way to reorder it)
+            place = {name: i for i, name in enumerate(shared[0].parameters_before.get(prefix, []))}
+            for name in sorted(m._parameters, key=lambda name: place.get(name, len(place))):
+                m._parameters[name] = m._parameters.pop(name)
     return model
 
 
@@ -1220,11 +1221,14 @@ def _fits(model, state) -> dict:
         )
     if version == 2:  # format 2 had the paper's scaling only
         config = {"scaling": "paper", **config}
-    odd = sorted(set(config) ^ set(want["config"]))
-    if odd or type(shapes) is not dict or type(tensors) is not dict:
+    if type(shapes) is not dict or type(tensors) is not dict:
         raise ValueError(
-            f"a checkpoint's 'config' holds AdapterConfig's fields (it lacks or adds {odd[:5]}), and its "
-            "'shapes' and 'tensors' are dicts"
+            "a checkpoint's 'shapes' and 'tensors' are dicts, as adapter_state_dict() writes them"
+        )
+    odd = sorted(set(config) ^ set(want["config"]))
+    if odd:
+        raise ValueError(
+            f"the checkpoint's config lacks or adds the fields {odd[:5]}; it holds AdapterConfig's"
         )
     try:  # the checks patching makes, so that a patched and a fresh model judge a checkpoint alike
         basis = config["basis"] if config["method"] == "randlora" else "uniform"
@@ -1246,10 +1250,14 @@ def _fits(model, state) -> dict:
         )
     if shapes != want["shapes"]:
         layers = sorted({*shapes, *want["shapes"]}, key=str)
-        differ = [(n, want["shapes"].get(n)) for n in layers if shapes.get(n) != want["shapes"].get(n)]
+        differ = [
+            (n, shapes.get(n), want["shapes"].get(n))
+            for n in layers
+            if shapes.get(n) != want["shapes"].get(n)
+        ]
         raise ValueError(
-            f"the checkpoint's layers have other (out, in) shapes than this model's, which are "
-            f"{differ[:5]}; load it into a model of the shapes it was trained on"
+            f"the checkpoint's layers have other (out, in) shapes than this model's; (layer, checkpoint's, "
+            f"model's): {differ[:5]}; load it into a model of the shapes it was trained on"
         )
     return want["tensors"]
 
@@ -1267,9 +1275,12 @@ def load_adapter_state_dict(model, state) -> None:
                 f"checkpoint entry {key!r} is {got}; the model expects {p.dtype} (a float: any float "
                 f"dtype) of shape {tuple(p.shape)}"
             )
-        if p.is_meta or t.is_meta:
-            where = "the model's adapters are" if p.is_meta else f"checkpoint entry {key!r} is"
-            raise ValueError(f"cannot load: {where} {_ON_META}")
+        if p.is_meta:
+            raise ValueError(f"cannot load: the model's adapters are {_ON_META}")
+        if t.is_meta:
+            raise ValueError(
+                f"checkpoint entry {key!r} is on the meta device (no values); save it from a real model"
+            )
         if p.is_floating_point() and not torch.isfinite(t.to(p.dtype)).all():
             raise ValueError(f"checkpoint entry {key!r} is non-finite as {p.dtype}; nothing was loaded")
     with torch.no_grad():
@@ -1292,10 +1303,12 @@ def save_adapter(model, path_or_file) -> None:
     st = _safetensors().torch
     state = adapter_state_dict(model)
     meta = {k: json.dumps(state[k]) for k in ("format_version", "config", "shapes")}
-    body = st.save(state["tensors"], meta)  # the file but its checksum
-    n = int.from_bytes(body[:8], "little")
-    header = json.dumps(json.loads(body[8 : 8 + n]), sort_keys=True).encode()  # as load_adapter reads it
-    meta["sha256"] = hashlib.sha256(header + body[8 + n :]).hexdigest()
+    body = st.save(state["tensors"], meta)  # the file without its sha256 entry
+    header_len = int.from_bytes(body[:8], "little")
+    header = json.dumps(
+        json.loads(body[8 : 8 + header_len]), sort_keys=True
+    ).encode()  # as load_adapter has it
+    meta["sha256"] = hashlib.sha256(header + body[8 + header_len :]).hexdigest()
     writer = hasattr(path_or_file, "write")
     with contextlib.nullcontext(path_or_file) if writer else open(path_or_file, "wb") as f:
         f.write(st.save(state["tensors"], meta))
@@ -1319,25 +1332,30 @@ def load_adapter(model, path_or_file) -> None:
             raise TypeError(f"{file} is open in text mode; open it with open(path, 'rb')")
         if not head:
             raise ValueError(f"{damaged}: it is empty (a file object just written to needs seek(0) first)")
-        if head[:4] == b"PK\x03\x04":  # a zip; as a header length, 67 MB: beyond any bound
+        if head[:4] == b"PK\x03\x04":  # a zip (torch.save's), not a header length
             raise ValueError(
                 f"{file} is of the older torch.save format; if you trust it, load it with "
                 "load_adapter_state_dict(model, torch.load(path, weights_only=True)) and save it again"
             )
-        if int.from_bytes(head, "little") > 2**16 + 2**11 * len(model.state_dict()):  # 2 KiB a tensor
-            raise ValueError(f"{file} has a longer header than this model's adapter can need")
-        head += f.read(int.from_bytes(head, "little"))
+        header_len = int.from_bytes(head, "little")
+        limit = 2**16 + 2**11 * len(model.state_dict())  # 64 KiB, and 2 KiB a tensor of the model
+        if header_len > limit:
+            raise ValueError(
+                f"{file} has a header of {header_len} bytes, more than this model's adapter can need "
+                f"({limit}): is it a file for another model?"
+            )
+        head += f.read(header_len)
         try:
             header = json.loads(head[8:])
             meta = header["__metadata__"]
             sha256 = meta.pop("sha256")
             canonical = json.dumps(header, sort_keys=True).encode()  # the header as save_adapter hashed it
             state = {k: json.loads(meta[k]) for k in ("format_version", "config", "shapes")}
-            entries = {k: e for k, e in header.items() if k != "__metadata__"}
-            state["tensors"] = {k: list(e["shape"]) for k, e in entries.items()}  # the shapes, for now
+            file_shapes = {k: list(e["shape"]) for k, e in header.items() if k != "__metadata__"}
             fields = {k: tuple(v) if type(v) is list else v for k, v in state["config"].items()}
-            if max(len(fields[k]) for k in ("target_modules", "target_parameters", "trainable")) > 1024:
-                raise ValueError("its config names more than 1024 modules")
+            most = max(len(fields[k]) for k in ("target_modules", "target_parameters", "trainable"))
+            if most > 1024 + len(model.state_dict()):  # each name must match a module or parameter
+                raise ValueError(f"its config names {most} modules in a list, more than the model has")
             config = AdapterConfig(**fields)
         except Exception as e:  # truncated, tampered, not save_adapter's
             raise ValueError(f"{damaged} ({type(e).__name__}: {str(e)[:200]})") from None
@@ -1356,10 +1374,12 @@ def load_adapter(model, path_or_file) -> None:
                     _patch(model, config, max_numbers=available)
                 except (TypeError, ValueError) as e:
                     raise type(e)(f"{file}'s config: {e}") from None
-            params = _fits(model, state)  # format, config, names, layer shapes: before any tensor byte
+            # format, config, names and layer shapes, then each entry's shape: before any tensor byte
+            params = _fits(model, {**state, "tensors": file_shapes})
             for key, p in params.items():
-                if state["tensors"][key] != list(p.shape):
-                    raise ValueError(f"{file}'s entry {key!r} is not of the model's shape {tuple(p.shape)}")
+                if file_shapes[key] != list(p.shape):
+                    got = str(file_shapes[key])[:80]
+                    raise ValueError(f"{file}'s entry {key!r} has shape {got}, the model's {list(p.shape)}")
             size = sum(p.numel() * max(8, p.element_size()) for p in params.values())
             data = f.read(size + 1)  # at most what float64 tensors of those shapes need, + 1
             covered = data if state["format_version"] == 3 else canonical + data  # format 3: tensor bytes

@@ -2890,12 +2890,14 @@ def test_a_model_in_eval_mode_that_load_adapter_patches_stays_in_eval_mode(tmp_p
 
 
 def test_a_config_naming_too_many_modules_is_refused_before_patching(tmp_path):
-    """1025 names fit in the header's bound, but matching them against every module costs time."""
+    """More names than 1024 and one a tensor of the model fit in the header's bound, but matching them
+    against every module costs time; a list that long cannot name only what the model has."""
     state = R.adapter_state_dict(patched_mlp(seed=1))
-    state["config"]["trainable"] = [f"x{i}" for i in range(1025)]
     model = small_mlp()
+    most = 1024 + len(model.state_dict()) + 1
+    state["config"]["trainable"] = [f"x{i}" for i in range(most)]
     before = fingerprint(model)
-    with pytest.raises(ValueError, match="damaged or not written by save_adapter"):
+    with pytest.raises(ValueError, match=f"names {most} modules in a list, more than the model has"):
         R.load_adapter(model, io.BytesIO(adapter_file(state)))
     assert_same_fingerprint(fingerprint(model), before)
 
@@ -3123,42 +3125,71 @@ def test_the_good_file_of_the_hostile_set_loads_patched_and_unpatched(hostile_lo
     }
 
 
-def file_with_entry(model, name, entry, extra=b""):
-    """save_adapter's bytes for `model`, with header entry `name` set to `entry` (its bytes `extra`,
-    after the others) and the checksum of the bytes as they then are."""
+def file_with_edit(model, edit) -> bytes:
+    """save_adapter's bytes for `model` after `edit(header, data)` changed the parsed header in place
+    (and perhaps returned new tensor bytes), with the checksum of the result."""
     buffer = io.BytesIO()
     R.save_adapter(model, buffer)
     raw = buffer.getvalue()
     n = int.from_bytes(raw[:8], "little")
-    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :] + extra
-    header[name] = {**entry, "data_offsets": [len(data) - len(extra), len(data)]}
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    data = edit(header, data) or data
     header["__metadata__"]["sha256"] = checksum(header, data)
     text = json.dumps(header).encode()
     return len(text).to_bytes(8, "little") + text + data
 
 
+def add_entry(name, entry, extra):
+    def edit(header, data):
+        header[name] = {**entry, "data_offsets": [len(data), len(data) + len(extra)]}
+        return data + extra
+
+    return edit
+
+
+def set_field(name, field, value):
+    def edit(header, data):
+        header[name][field] = value
+
+    return edit
+
+
 @pytest.mark.parametrize("into", ["patched", "unpatched"])
 @pytest.mark.parametrize(
-    "name,entry,extra",
+    "edit,words",
     [
-        ("x", {"dtype": "F32", "shape": [0, 2**62, 2**62]}, b""),  # torch.empty's stride overflows
-        ("x", {"dtype": "F8_E8M0", "shape": [1]}, b"\0"),  # a dtype safetensors reads, torch may not
-        ("0.lam", {"dtype": "F8_E8M0", "shape": [12, 2]}, bytes(24)),  # the same, under a name it needs
-        ("0.lam", {"dtype": "F32", "shape": [2**62, 2**62]}, b""),
-        ("0.lam", {"dtype": "C64", "shape": [12, 2]}, bytes(192)),
+        # a name the model lacks, of a shape torch.empty cannot stride, or of a dtype torch may not have:
+        # refused by the names in the header, before safetensors parses it
+        (add_entry("x", {"dtype": "F32", "shape": [0, 2**62, 2**62]}, b""), r"unexpected \['x'\]"),
+        (add_entry("x", {"dtype": "F8_E8M0", "shape": [1]}, b"\0"), r"unexpected \['x'\]"),
+        # a name the model has, of a shape it cannot have: refused by the header's shapes
+        (set_field("0.lam", "shape", [2**62, 2**62]), "'0.lam' has shape"),
+        # a dtype no one knows over the right bytes: refused by safetensors' parser, as a ValueError
+        (set_field("0.lam", "dtype", "X99"), "damaged or not written by save_adapter"),
     ],
-    ids=["overflowing-extra", "f8-extra", "f8-needed", "overflowing-needed", "complex-needed"],
+    ids=["overflowing-extra", "f8-extra", "overflowing-needed", "unknown-dtype-needed"],
 )
-def test_any_header_entry_safetensors_accepts_is_a_value_error_and_changes_nothing(name, entry, extra, into):
+def test_any_header_entry_safetensors_accepts_is_a_value_error_and_changes_nothing(edit, words, into):
     src = small_mlp(dtype=torch.float32)
     R.add_randlora(src, ["0", "2"], r=2, alpha=4.0, seed=3)
-    raw = file_with_entry(src, name, entry, extra)
+    raw = file_with_edit(src, edit)
     model = small_mlp(dtype=torch.float32)
     if into == "patched":
         R.add_randlora(model, ["0", "2"], r=2, alpha=4.0, seed=3)
     before = fingerprint(model)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=words):
         R.load_adapter(model, io.BytesIO(raw))
+    assert_same_fingerprint(fingerprint(model), before)
+
+
+def test_an_entry_of_a_dtype_that_does_not_cast_is_refused_by_its_dtype():
+    """complex64 is a dtype safetensors reads but no float parameter takes."""
+    state = R.adapter_state_dict(patched_mlp(seed=1))
+    state["tensors"]["0.lam"] = state["tensors"]["0.lam"].to(torch.complex64)
+    model = patched_mlp()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=r"'0.lam' is torch.complex64 of shape"):
+        R.load_adapter(model, io.BytesIO(adapter_file(state)))
     assert_same_fingerprint(fingerprint(model), before)
 
 
@@ -3174,7 +3205,7 @@ def test_an_intact_file_for_another_model_is_refused_with_the_difference_not_as_
     lora, head = two_linear(), two_linear(head=1000)
     R.add_lora(lora, ["0", "2"], r=8, alpha=16.0)
     R.add_randlora(head, ["0", "2"], r=2, alpha=4.0, trainable=["3"])
-    cases = [(head, r"'3.weight' is not of the model's shape \(8, 8\)")]
+    cases = [(head, r"'3.weight' has shape \[1000, 8\], the model's \[8, 8\]")]
     if into == "patched":
         cases.append((lora, "method differs"))
     for src, words in cases:
@@ -3200,9 +3231,7 @@ def test_refusals_of_a_state_dict_say_what_differs():
     for m in (src, dst):
         R.add_randlora(m, targets, r=2, alpha=4.0)
     state = R.adapter_state_dict(src)
-    with pytest.raises(
-        ValueError, match=r"other \(out, in\) shapes than this model's, which are \[\('6', \[8, 8\]\)\]"
-    ):
+    with pytest.raises(ValueError, match=r"other \(out, in\) shapes.*: \[\('6', \[6, 8\], \[8, 8\]\)\]"):
         R.load_adapter_state_dict(dst, state)
     state = R.adapter_state_dict(dst)
     cases = [
@@ -3212,7 +3241,7 @@ def test_refusals_of_a_state_dict_say_what_differs():
             r"'0.lam' is torch.int32 of shape \(4, 2\)",
         ),
         (("config", "seed"), np.int64(0), "plain Python types"),
-        (("config", "colour"), "red", r"lacks or adds \['colour'\]"),
+        (("config", "colour"), "red", r"lacks or adds the fields \['colour'\]"),
     ]
     for (part, key), value, words in cases:
         bad = copy.deepcopy(state)
@@ -3303,7 +3332,7 @@ def test_unpatching_a_raw_parameter_keeps_every_parameter_in_its_place(how):
 
     cfg = dict(target_modules=[], r=2, alpha=4.0, target_parameters=["0.weight", "2.weight"], trainable=["3"])
     dst = model()
-    before = [n for n, _ in dst.named_parameters()]
+    before = [(n, p.requires_grad) for n, p in dst.named_parameters()]
     if how == "unload":
         R.add_randlora(dst, **cfg)
         R.unload(dst)
@@ -3316,7 +3345,7 @@ def test_unpatching_a_raw_parameter_keeps_every_parameter_in_its_place(how):
         with pytest.raises(ValueError, match="non-finite"):
             R.load_adapter(dst, io.BytesIO(adapter_file(state)))
         assert_same_fingerprint(fingerprint(dst), fingerprint_before)
-    assert [n for n, _ in dst.named_parameters()] == before
+    assert [(n, p.requires_grad) for n, p in dst.named_parameters()] == before
 
 
 def test_a_file_opened_in_text_mode_or_not_rewound_says_so(tmp_path):
@@ -3394,7 +3423,7 @@ def test_a_layer_only_the_checkpoint_has_is_named_and_so_is_a_differing_trainabl
     state = R.adapter_state_dict(patched_mlp(seed=1))
     odd = copy.deepcopy(state)
     odd["shapes"]["9"] = [3, 3]
-    with pytest.raises(ValueError, match=r"which are \[\('9', None\)\]"):
+    with pytest.raises(ValueError, match=r"\(layer, checkpoint's, model's\): \[\('9', \[3, 3\], None\)\]"):
         R.load_adapter_state_dict(patched_mlp(), odd)
     head = small_mlp()
     R.add_randlora(head, ["0"], r=2, alpha=4.0, seed=3, trainable=["2"])
