@@ -633,7 +633,7 @@ def _as_names(value, what: str) -> tuple:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
         shown = repr(value)[:200]
         raise TypeError(f"{what} must be a string or a list of non-empty strings, got {shown}")
-    return tuple(value)
+    return tuple(dict.fromkeys(value))  # each name once, in order
 
 
 def _is_real(v) -> bool:
@@ -819,8 +819,11 @@ def _patch(model, c: AdapterConfig, max_numbers=None) -> list:
     targets = _find_targets(model, c.target_modules, c.target_parameters)
     extra = _extra_trainables(model, c.trainable, targets)
     for name, _, _, w in targets:
-        if not w.is_floating_point():
-            raise TypeError(f"{name!r} is {w.dtype}; adapt floating-point weights (dequantise them first)")
+        if w.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(
+                f"{name!r} is {w.dtype}; adapt float16, bfloat16, float32 or float64 weights (dequantise "
+                "them first)"
+            )
         if c.r > min(w.shape):
             raise ValueError(
                 f"r={c.r} exceeds min(in, out)={min(w.shape)} of {name!r}; choose r <= {min(w.shape)}"
@@ -828,8 +831,9 @@ def _patch(model, c: AdapterConfig, max_numbers=None) -> list:
     n_numbers = _n_trainable(c.method, c.r, [t[3] for t in targets])
     if max_numbers is not None and n_numbers > max_numbers:
         raise ValueError(
-            f"its adapters would train {n_numbers} numbers, but the file holds {max_numbers} bytes of tensors"
-            " (a number takes at least one): it is truncated or was not written by save_adapter"
+            f"its adapters would train {n_numbers} numbers, but the file's tensor bytes hold at most "
+            f"{max_numbers} (4 bytes a number, as save_adapter writes them): it is truncated or not "
+            "written by save_adapter"
         )
     device = targets[0][3].device
     if rand:
@@ -846,9 +850,22 @@ def _patch(model, c: AdapterConfig, max_numbers=None) -> list:
         shared = SharedBases(A.to(device, dt), B.to(device, dt), c)
     else:
         shared = SharedBases(torch.empty(0, device=device), torch.empty(0, device=device), c)
-        gen = torch.Generator("cpu").manual_seed(c.seed)
     shared.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
     shared.parameters_before = {n: list(m._parameters) for n, m in model.named_modules()}  # names, in order
+    try:
+        _install(model, c, targets, extra, shared)
+    except BaseException:  # a layer that failed to build (out of memory, say): the model as it was
+        _unpatch(model, keep_update=False)
+        for n, p in model.named_parameters():
+            p.requires_grad_(shared.requires_grad_before.get(n, p.requires_grad))
+        raise
+    return [t[0] for t in targets]
+
+
+def _install(model, c: AdapterConfig, targets: list, extra: dict, shared: SharedBases) -> None:
+    """Freeze the model but the `trainable` modules, and put an adapter on every target."""
+    rand = c.method == "randlora"
+    gen = torch.Generator("cpu").manual_seed(c.seed)  # LoRA's A
     model.requires_grad_(False)
     for p in extra.values():
         p.requires_grad_(True)
@@ -871,7 +888,6 @@ def _patch(model, c: AdapterConfig, max_numbers=None) -> list:
         if i == 0:
             layer.shared_bases = shared  # registered once, here
             shared.train(mod.training)
-    return [t[0] for t in targets]
 
 
 def add_randlora(
@@ -1228,14 +1244,14 @@ def _fits(model, state) -> dict:
     odd = sorted(set(config) ^ set(want["config"]))
     if odd:
         raise ValueError(
-            f"the checkpoint's config lacks or adds the fields {odd[:5]}; it holds AdapterConfig's"
+            f"the checkpoint's config lacks or adds the fields {str(odd[:5])[:300]}; it holds AdapterConfig's"
         )
-    try:  # the checks patching makes, so that a patched and a fresh model judge a checkpoint alike
+    try:  # what patching checks of these fields, so that a patched model refuses what a fresh one would
         basis = config["basis"] if config["method"] == "randlora" else "uniform"
         numbers = [config[k] for k in ("r", "alpha", "dropout", "seed")]
         _check_hparams(*numbers, basis, config["scaling"], config["method"])
     except (TypeError, ValueError) as e:
-        raise type(e)(f"the checkpoint's config: {e}") from None
+        raise type(e)(f"the checkpoint's config: {str(e)[:300]}") from None
     for key in ("method", "r", "alpha", "basis", "seed", "scaling"):
         if config[key] != want["config"][key]:
             raise ValueError(
@@ -1257,7 +1273,7 @@ def _fits(model, state) -> dict:
         ]
         raise ValueError(
             f"the checkpoint's layers have other (out, in) shapes than this model's; (layer, checkpoint's, "
-            f"model's): {differ[:5]}; load it into a model of the shapes it was trained on"
+            f"model's): {str(differ[:5])[:300]}; load it into a model of the shapes it was trained on"
         )
     return want["tensors"]
 
@@ -1371,9 +1387,9 @@ def load_adapter(model, path_or_file) -> None:
                         "seekable file object (or patch the model first)"
                     ) from None
                 try:  # refused before allocating adapters the file cannot hold
-                    _patch(model, config, max_numbers=available)
+                    _patch(model, config, max_numbers=available // 4)
                 except (TypeError, ValueError) as e:
-                    raise type(e)(f"{file}'s config: {e}") from None
+                    raise type(e)(f"{file}'s config: {str(e)[:300]}") from None
             # format, config, names and layer shapes, then each entry's shape: before any tensor byte
             params = _fits(model, {**state, "tensors": file_shapes})
             for key, p in params.items():

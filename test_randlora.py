@@ -2701,16 +2701,59 @@ def test_loading_never_writes_non_finite_scalings():
     assert_same_fingerprint(fingerprint(model), before)
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool])
-def test_integer_weights_are_refused_with_type_error(dtype):
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool, torch.float8_e4m3fn])
+@pytest.mark.parametrize("which", [0, 2])
+def test_integer_and_float8_weights_are_refused_with_type_error(dtype, which):
     """A quantised (integer) weight cannot carry W + DeltaW, and the shared bases would be cast
-    to integers (uniform bases become {-1, 0, 1})."""
+    to integers (uniform bases become {-1, 0, 1}); float8 has no type promotion to build the update
+    with. Refused before anything changes, whichever target it is."""
     model = small_mlp()
-    model[0].weight = nn.Parameter(torch.zeros(12, 8, dtype=dtype), requires_grad=False)
+    model[which].weight = nn.Parameter(model[which].weight.detach().to(dtype), requires_grad=False)
     before = fingerprint(model)
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         R.add_randlora(model, ["0", "2"], 2, 1.0)
     assert_same_fingerprint(fingerprint(model), before)
+
+
+@pytest.mark.parametrize("route", ["module", "parameter"])
+def test_a_layer_that_fails_to_build_leaves_the_model_as_it_was(route, monkeypatch):
+    """Patching is all or nothing: an error while the second adapter is built (out of memory,
+    say) takes the first one out again and gives every parameter its requires_grad back."""
+    model = small_mlp()
+    model[2].weight.requires_grad_(False)
+    before = fingerprint(model)
+    built = []
+    real = R.RandLoRA.__init__
+
+    def second_fails(self, *args, **kwargs):
+        built.append(1)
+        if len(built) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(R.RandLoRA, "__init__", second_fails)
+    targets = (
+        dict(target_modules=["0", "2"])
+        if route == "module"
+        else dict(target_modules=[], target_parameters=["0.weight", "2.weight"])
+    )
+    with pytest.raises(RuntimeError, match="simulated"):
+        R.add_randlora(model, r=2, alpha=1.0, **targets)
+    assert len(built) == 2 and not R.adapters(model)
+    assert_same_fingerprint(fingerprint(model), before)
+
+
+def test_the_same_name_twice_is_one_target_and_its_file_loads():
+    """A list that repeats a name must not make save_adapter write what load_adapter refuses."""
+    src = small_mlp()
+    R.add_randlora(src, ["0"] * 1100, r=2, alpha=4.0, seed=3)
+    assert R.adapter_config(src).target_modules == ("0",)
+    buffer = io.BytesIO()
+    R.save_adapter(src, buffer)
+    dst = small_mlp()
+    R.load_adapter(dst, io.BytesIO(buffer.getvalue()))
+    x = torch.randn(5, 8)
+    assert torch.equal(dst.eval()(x), src.eval()(x))
 
 
 @pytest.mark.parametrize("add", [R.add_randlora, R.add_lora], ids=["randlora", "lora"])
@@ -3384,6 +3427,40 @@ def test_a_header_whose_length_starts_with_pk_is_not_taken_for_a_zip():
     R.load_adapter(dst, io.BytesIO(len(text).to_bytes(8, "little") + text + raw[8 + n :]))
     x = torch.randn(5, 8)
     assert torch.equal(dst.eval()(x), src.eval()(x))
+
+
+def test_a_fresh_model_is_patched_only_if_the_file_holds_4_bytes_a_trained_number():
+    """save_adapter writes the trainables in float32 or wider, and patching allocates them in float32
+    and once more for the merge record: a file of fewer bytes cannot be one, and a bound of one byte
+    a number would let a small file make a fresh model allocate eight times its size."""
+    src = patched_mlp(seed=1)
+    numbers = sum(p.numel() for key, p in R.adapter_state_dict(src)["tensors"].items())
+
+    def edit(header, data):
+        return data[: 4 * numbers - 4]  # one number short (the checksum is the file's own)
+
+    model = small_mlp()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=f"would train {numbers} numbers, .* hold at most {numbers - 1}"):
+        R.load_adapter(model, io.BytesIO(file_with_edit(src, edit)))
+    assert_same_fingerprint(fingerprint(model), before)
+
+
+def test_messages_quote_at_most_a_few_hundred_characters_of_a_file():
+    """A field of a checkpoint can hold a 200 KB string; the error names it without repeating it."""
+    long = "x" * 200_000
+    for field in ("method", "basis", "target_modules", "trainable"):
+        state = R.adapter_state_dict(patched_mlp(seed=1))
+        state["config"][field] = [long] if field in ("target_modules", "trainable") else long
+        for model in (patched_mlp(), small_mlp()):
+            with pytest.raises((ValueError, TypeError)) as error:
+                R.load_adapter(model, io.BytesIO(adapter_file(state)))
+            assert len(str(error.value)) < 1000, (field, len(str(error.value)))
+    state = R.adapter_state_dict(patched_mlp(seed=1))
+    state["shapes"][long] = [1, 1]
+    with pytest.raises(ValueError, match="other") as error:
+        R.load_adapter_state_dict(patched_mlp(), state)
+    assert len(str(error.value)) < 1000
 
 
 def test_a_stream_that_cannot_seek_loads_into_a_patched_model_and_is_refused_by_a_fresh_one():
