@@ -855,9 +855,7 @@ def _patch(model, c: AdapterConfig, max_numbers=None) -> list:
     try:
         _install(model, c, targets, extra, shared)
     except BaseException:  # a layer that failed to build (out of memory, say): the model as it was
-        _unpatch(model, keep_update=False)
-        for n, p in model.named_parameters():
-            p.requires_grad_(shared.requires_grad_before.get(n, p.requires_grad))
+        _unpatch(model, keep_update=False, shared=shared)  # shared: the first layer may not hold it yet
         raise
     return [t[0] for t in targets]
 
@@ -1120,11 +1118,13 @@ def unmerge(model) -> int:
     return _set_merged(model, False)
 
 
-def _unpatch(model, keep_update: bool) -> nn.Module:
+def _unpatch(model, keep_update: bool, shared=None) -> nn.Module:
     """The original modules back (with their hooks and mode); raw weights keep their parametrizations'
     value (W + DeltaW, and any parametrization stacked after it) if `keep_update`, else their stored
-    weight; every parameter's requires_grad and place as they were before patching."""
-    shared = [m for m in model.modules() if isinstance(m, SharedBases)]
+    weight; every parameter's requires_grad and place as `shared` (by default the model's SharedBases)
+    recorded them before patching."""
+    if shared is None:
+        shared = next((m for m in model.modules() if isinstance(m, SharedBases)), None)
     for name, (u, _) in adapters(model).items():
         if isinstance(u, (RandLoRALinear, LoRALinear)):
             _replace(model, u, u.synced_base())
@@ -1133,13 +1133,13 @@ def _unpatch(model, keep_update: bool) -> nn.Module:
             parametrize.remove_parametrizations(
                 model.get_submodule(owner), attr, leave_parametrized=keep_update
             )
-    if shared:
+    if shared is not None:
         for n, p in model.named_parameters():
-            p.requires_grad_(shared[0].requires_grad_before.get(n, p.requires_grad))
+            p.requires_grad_(shared.requires_grad_before.get(n, p.requires_grad))
         for prefix, m in model.named_modules():
             # removing a parametrization registers the weight last: put each parameter back in its place
             # (in the module's own dict of them: torch has no public way to reorder it)
-            place = {name: i for i, name in enumerate(shared[0].parameters_before.get(prefix, []))}
+            place = {name: i for i, name in enumerate(shared.parameters_before.get(prefix, []))}
             for name in sorted(m._parameters, key=lambda name: place.get(name, len(place))):
                 m._parameters[name] = m._parameters.pop(name)
     return model
@@ -1280,9 +1280,14 @@ def _fits(model, state) -> dict:
 
 def load_adapter_state_dict(model, state) -> None:
     """Load into a model patched with the same config and layer shapes; all is checked before any copy."""
-    params = _fits(model, state)
+    _copy_in(_fits(model, state), state["tensors"])
+
+
+def _copy_in(params: dict, tensors: dict) -> None:
+    """params[key] <- tensors[key] for every key of `params`, once each entry is a dense tensor of its
+    shape, of a dtype that casts, on a real device and finite."""
     for key, p in params.items():
-        t = state["tensors"][key]
+        t = tensors[key]
         dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
         castable = dense and (t.dtype == p.dtype or t.is_floating_point() and p.is_floating_point())
         if not castable or t.shape != p.shape:
@@ -1301,7 +1306,7 @@ def load_adapter_state_dict(model, state) -> None:
             raise ValueError(f"checkpoint entry {key!r} is non-finite as {p.dtype}; nothing was loaded")
     with torch.no_grad():
         for key, p in params.items():
-            _write(p, state["tensors"][key])
+            _write(p, tensors[key])
 
 
 def _safetensors():
@@ -1354,7 +1359,8 @@ def load_adapter(model, path_or_file) -> None:
                 "load_adapter_state_dict(model, torch.load(path, weights_only=True)) and save it again"
             )
         header_len = int.from_bytes(head, "little")
-        limit = 2**16 + 2**11 * len(model.state_dict())  # 64 KiB, and 2 KiB a tensor of the model
+        n_tensors = len(model.state_dict())  # bounds the header and the config's lists
+        limit = 2**16 + 2**11 * n_tensors  # 64 KiB, and 2 KiB a tensor of the model
         if header_len > limit:
             raise ValueError(
                 f"{file} has a header of {header_len} bytes, more than this model's adapter can need "
@@ -1370,7 +1376,7 @@ def load_adapter(model, path_or_file) -> None:
             file_shapes = {k: list(e["shape"]) for k, e in header.items() if k != "__metadata__"}
             fields = {k: tuple(v) if type(v) is list else v for k, v in state["config"].items()}
             most = max(len(fields[k]) for k in ("target_modules", "target_parameters", "trainable"))
-            if most > 1024 + len(model.state_dict()):  # each name must match a module or parameter
+            if most > 1024 + n_tensors:  # each name must match a module or parameter
                 raise ValueError(f"its config names {most} modules in a list, more than the model has")
             config = AdapterConfig(**fields)
         except Exception as e:  # truncated, tampered, not save_adapter's
@@ -1404,10 +1410,10 @@ def load_adapter(model, path_or_file) -> None:
                     f"{damaged} (its header or tensor bytes changed since saving, or are too many)"
                 )
             try:
-                state["tensors"] = safetensors.torch.load(head + data)
+                tensors = safetensors.torch.load(head + data)
             except Exception as e:  # safetensors' checks of the byte ranges and dtypes
                 raise ValueError(f"{damaged} ({type(e).__name__}: {str(e)[:200]})") from None
-            load_adapter_state_dict(model, state)  # dtypes and values
+            _copy_in(params, tensors)  # dtypes and values; its names are the header's, which fit
         except BaseException:
             if not patched and adapters(model):  # patched here: undo it
                 _unpatch(model, keep_update=False)  # no merge: weights never touched; requires_grad back
