@@ -96,6 +96,25 @@ def checksum(header: dict, data: bytes) -> str:
     return hashlib.sha256(json.dumps(header, sort_keys=True).encode() + data).hexdigest()
 
 
+def saved_file(model) -> bytes:
+    """The bytes save_adapter writes for `model`."""
+    buffer = io.BytesIO()
+    R.save_adapter(model, buffer)
+    return buffer.getvalue()
+
+
+def split_file(raw: bytes) -> tuple:
+    """(header as a dict, tensor bytes) of a safetensors file."""
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def join_file(header, data: bytes) -> bytes:
+    """A safetensors file of `header` (a dict, or JSON bytes kept as they are) and tensor bytes `data`."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
 def adapter_file(state):
     """The bytes of the file save_adapter writes, built here with safetensors from an adapter_state_dict,
     perhaps tampered: the tensors safetensors can hold (dense, on the CPU; others are left out), the plain
@@ -112,9 +131,7 @@ def adapter_file(state):
         json.dumps, default=lambda o: o.tolist() if isinstance(o, torch.Tensor) else str(o)
     )
     meta = {k: plain(state[k]) for k in ("format_version", "config", "shapes") if k in state}
-    body = save(tensors, meta)
-    n = int.from_bytes(body[:8], "little")
-    meta["sha256"] = checksum(json.loads(body[8 : 8 + n]), body[8 + n :])
+    meta["sha256"] = checksum(*split_file(save(tensors, meta)))
     return save(tensors, meta)
 
 
@@ -2748,10 +2765,8 @@ def test_the_same_name_twice_is_one_target_and_its_file_loads():
     src = small_mlp()
     R.add_randlora(src, ["0"] * 1100, r=2, alpha=4.0, seed=3)
     assert R.adapter_config(src).target_modules == ("0",)
-    buffer = io.BytesIO()
-    R.save_adapter(src, buffer)
     dst = small_mlp()
-    R.load_adapter(dst, io.BytesIO(buffer.getvalue()))
+    R.load_adapter(dst, io.BytesIO(saved_file(src)))
     x = torch.randn(5, 8)
     assert torch.equal(dst.eval()(x), src.eval()(x))
 
@@ -2867,17 +2882,11 @@ def test_an_adapter_file_is_safetensors_with_the_config_in_its_metadata(tmp_path
     )
     assert json.loads(meta["shapes"]) == {"0": [12, 8], "2": [8, 12]}
     assert keys == {"0.lam", "0.gam", "2.lam", "2.gam"}  # no bases
-    buffer = io.BytesIO()
-    R.save_adapter(model, buffer)
-
-    def parts(raw):  # (header, tensor bytes): the metadata's
-        n = int.from_bytes(raw[:8], "little")  # order varies from one save to the next
-        return json.loads(raw[8 : 8 + n]), raw[8 + n :]
-
+    # compared parsed: the metadata's order varies from one save to the next
     assert (
-        parts(buffer.getvalue())
-        == parts(path.read_bytes())
-        == parts(adapter_file(R.adapter_state_dict(model)))
+        split_file(saved_file(model))
+        == split_file(path.read_bytes())
+        == split_file(adapter_file(R.adapter_state_dict(model)))
     )
 
 
@@ -2999,8 +3008,7 @@ def write_hostile_files(folder) -> dict:
     R.add_randlora(model, **VIT_TARGETS)
     state = R.adapter_state_dict(model)
     good = adapter_file(state)
-    n = int.from_bytes(good[:8], "little")
-    header, data = json.loads(good[8 : 8 + n]), good[8 + n :]
+    header, data = split_file(good)
 
     def write(kind, raw):
         path = folder / f"{len(os.listdir(folder))}.safetensors"
@@ -3009,8 +3017,7 @@ def write_hostile_files(folder) -> dict:
 
     def edited(header, data):  # the checksum of the data as it is
         header["__metadata__"]["sha256"] = checksum(header, data)
-        text = json.dumps(header).encode()
-        return len(text).to_bytes(8, "little") + text + data
+        return join_file(header, data)
 
     def tampered(key, value):
         return adapter_file({**state, "tensors": {**state["tensors"], key: value}})
@@ -3023,7 +3030,7 @@ def write_hostile_files(folder) -> dict:
         f'"n{i}":{{"dtype":"F32","shape":[1],"data_offsets":[{4 * i},{4 * i + 4}]}}' for i in range(10**6)
     )
     text = ('{"__metadata__":' + json.dumps(header["__metadata__"]) + "," + names + "}").encode()
-    files["a million names"] = write("", len(text).to_bytes(8, "little") + text + bytes(4 * 10**6))
+    files["a million names"] = write("", join_file(text, bytes(4 * 10**6)))
     for field in ("trainable", "target_modules"):
         config = {**state["config"], field: ["x"] * 2**20}
         files[f"2**20 names in {field}"] = write("", adapter_file({**state, "config": config}))
@@ -3033,8 +3040,8 @@ def write_hostile_files(folder) -> dict:
     for entry in [v for k, v in huge.items() if k != "__metadata__" and v["data_offsets"][0] >= e]:
         entry["data_offsets"] = [x + big - (e - b) for x in entry["data_offsets"]]
     text = json.dumps(huge).encode()
-    files["a 300 MiB tensor, truncated"] = write("", len(text).to_bytes(8, "little") + text + data[:b])
-    files["a 300 MiB tensor, sparse"] = path = write("", len(text).to_bytes(8, "little") + text + data[:b])
+    files["a 300 MiB tensor, truncated"] = write("", join_file(text, data[:b]))
+    files["a 300 MiB tensor, sparse"] = path = write("", join_file(text, data[:b]))
     with open(path, "ab") as f:  # a hole of 300 MiB, then the rest
         f.seek(big, 1)
         f.write(data[e:])
@@ -3064,7 +3071,7 @@ def write_hostile_files(folder) -> dict:
     other = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": None}
     other["b"] = {"dtype": "F32", "shape": [200 * 2**18], "data_offsets": [4, 4 + 200 * 2**20]}
     text = json.dumps({"__metadata__": {**meta, "sha256": "0" * 64}, **other}).encode()
-    path = files["a large head named, other names stored"] = write("", len(text).to_bytes(8, "little") + text)
+    path = files["a large head named, other names stored"] = write("", join_file(text, b""))
     with open(path, "ab") as f:
         f.truncate(f.tell() + 4 + 200 * 2**20)
     # adapters of 2 x 21M numbers asked for by 1.6 KB: refused before they are allocated
@@ -3072,10 +3079,7 @@ def write_hostile_files(folder) -> dict:
     meta = {k: json.dumps(v) for k, v in {**state, "config": config}.items() if k != "tensors"}
     header = {"__metadata__": meta, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
     header["__metadata__"]["sha256"] = checksum(header, bytes(4))
-    text = json.dumps(header).encode()
-    files["a LoRA config of rank 384, 4 bytes of tensors"] = write(
-        "", len(text).to_bytes(8, "little") + text + bytes(4)
-    )
+    files["a LoRA config of rank 384, 4 bytes of tensors"] = write("", join_file(header, bytes(4)))
     files["symlink to /dev/zero"] = folder / "zero.safetensors"
     os.symlink("/dev/zero", files["symlink to /dev/zero"])
     files["FIFO"] = folder / "fifo.safetensors"
@@ -3171,15 +3175,10 @@ def test_the_good_file_of_the_hostile_set_loads_patched_and_unpatched(hostile_lo
 def file_with_edit(model, edit) -> bytes:
     """save_adapter's bytes for `model` after `edit(header, data)` changed the parsed header in place
     (and perhaps returned new tensor bytes), with the checksum of the result."""
-    buffer = io.BytesIO()
-    R.save_adapter(model, buffer)
-    raw = buffer.getvalue()
-    n = int.from_bytes(raw[:8], "little")
-    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    header, data = split_file(saved_file(model))
     data = edit(header, data) or data
     header["__metadata__"]["sha256"] = checksum(header, data)
-    text = json.dumps(header).encode()
-    return len(text).to_bytes(8, "little") + text + data
+    return join_file(header, data)
 
 
 def add_entry(name, entry, extra):
@@ -3252,14 +3251,13 @@ def test_an_intact_file_for_another_model_is_refused_with_the_difference_not_as_
     if into == "patched":
         cases.append((lora, "method differs"))
     for src, words in cases:
-        buffer = io.BytesIO()
-        R.save_adapter(src, buffer)
+        raw = saved_file(src)
         model = two_linear()
         if into == "patched":
             R.add_randlora(model, ["0", "2"], r=2, alpha=4.0, trainable=["3"])
         before = fingerprint(model)
         with pytest.raises(ValueError, match=words):
-            R.load_adapter(model, io.BytesIO(buffer.getvalue()))
+            R.load_adapter(model, io.BytesIO(raw))
         assert_same_fingerprint(fingerprint(model), before)
 
 
@@ -3305,9 +3303,7 @@ def test_bit_flipped_checkpoint_fails_or_loads_exactly_what_was_saved(into):
     src = nn.Sequential(nn.Linear(4, 6))
     R.add_randlora(src, "0", r=2, alpha=4.0, seed=3)
     set_update_size(src, 0.1)
-    buffer = io.BytesIO()
-    R.save_adapter(src, buffer)
-    saved, raw = R.adapter_state_dict(src), buffer.getvalue()
+    saved, raw = R.adapter_state_dict(src), saved_file(src)
     dst0 = nn.Sequential(nn.Linear(4, 6))
     if into == "patched":
         dst0 = copy.deepcopy(src)
@@ -3334,33 +3330,23 @@ def test_swapped_byte_ranges_of_two_entries_are_refused():
     """Two entries of one shape trading places keep every tensor byte: the checksum covers the header."""
     src = small_mlp()
     R.add_randlora(src, ["0", "2"], r=2, alpha=4.0)
-    buffer = io.BytesIO()
-    R.save_adapter(src, buffer)
-    raw = buffer.getvalue()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
+    header, data = split_file(saved_file(src))
     a, b = (k for k in header if k.endswith(".lam") and header[k]["shape"] == header["0.lam"]["shape"])
     header[a]["data_offsets"], header[b]["data_offsets"] = (
         header[b]["data_offsets"],
         header[a]["data_offsets"],
     )
-    text = json.dumps(header).encode()
     with pytest.raises(ValueError, match="changed since saving"):
-        R.load_adapter(small_mlp(), io.BytesIO(len(text).to_bytes(8, "little") + text + raw[8 + n :]))
+        R.load_adapter(small_mlp(), io.BytesIO(join_file(header, data)))
 
 
 def test_a_file_of_format_3_whose_checksum_covers_the_tensor_bytes_loads():
     """Format 3 files (this library's first safetensors files) hashed only their tensor bytes."""
     src = patched_mlp(seed=1)
-    buffer = io.BytesIO()
-    R.save_adapter(src, buffer)
-    raw = buffer.getvalue()
-    n = int.from_bytes(raw[:8], "little")
-    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    header, data = split_file(saved_file(src))
     header["__metadata__"].update(format_version="3", sha256=hashlib.sha256(data).hexdigest())
-    text = json.dumps(header).encode()
     dst = small_mlp()
-    R.load_adapter(dst, io.BytesIO(len(text).to_bytes(8, "little") + text + data))
+    R.load_adapter(dst, io.BytesIO(join_file(header, data)))
     x = torch.randn(5, 8)
     assert torch.equal(dst.eval()(x), src.eval()(x))
 
@@ -3403,14 +3389,26 @@ def test_a_file_opened_in_text_mode_or_not_rewound_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("into", ["patched", "unpatched"])
-def test_a_method_that_is_not_exactly_randlora_or_lora_is_refused(into):
-    """Patching builds LoRA for any method but "randlora", and the size bound counts RandLoRA's numbers
-    for any method but "lora": a "LoRA" file would get past the bound and load as what it is not."""
+@pytest.mark.parametrize(
+    "field,value,error,words",
+    [
+        # patching builds LoRA for any method but "randlora", and the size bound counts RandLoRA's
+        # numbers for any method but "lora": a "LoRA" file would get past it and load as what it is not
+        ("method", "LoRA", ValueError, "unknown method 'LoRA'"),
+        # 2.0 equals 2, but it is not an int
+        ("r", 2.0, TypeError, "config: r and seed must be ints"),
+    ],
+    ids=["method-spelling", "float-r"],
+)
+def test_a_config_patching_would_refuse_is_refused_alike_by_patched_and_fresh_models(
+    field, value, error, words, into
+):
+    """A patched model checks a file's config as patching a fresh one does, and says the file is at fault."""
     state = R.adapter_state_dict(patched_mlp(seed=1))
-    state["config"]["method"] = "LoRA"
+    state["config"][field] = value
     model = patched_mlp() if into == "patched" else small_mlp()
     before = fingerprint(model)
-    with pytest.raises(ValueError, match="unknown method 'LoRA'"):
+    with pytest.raises(error, match=words):
         R.load_adapter(model, io.BytesIO(adapter_file(state)))
     assert_same_fingerprint(fingerprint(model), before)
 
@@ -3418,13 +3416,10 @@ def test_a_method_that_is_not_exactly_randlora_or_lora_is_refused(into):
 def test_a_header_whose_length_starts_with_pk_is_not_taken_for_a_zip():
     """A header of 0x4B50 bytes begins the file with b"PK": only a zip's b"PK\\x03\\x04" is torch.save's."""
     src = patched_mlp(seed=1)
-    buffer = io.BytesIO()
-    R.save_adapter(src, buffer)
-    raw = buffer.getvalue()
-    n = int.from_bytes(raw[:8], "little")
-    text = raw[8 : 8 + n].ljust(0x4B50)  # safetensors pads its header with spaces too
+    header, data = split_file(saved_file(src))
+    text = json.dumps(header).encode().ljust(0x4B50)  # safetensors pads its header with spaces too
     dst = small_mlp()
-    R.load_adapter(dst, io.BytesIO(len(text).to_bytes(8, "little") + text + raw[8 + n :]))
+    R.load_adapter(dst, io.BytesIO(join_file(text, data)))
     x = torch.randn(5, 8)
     assert torch.equal(dst.eval()(x), src.eval()(x))
 
@@ -3471,29 +3466,16 @@ def test_a_stream_that_cannot_seek_loads_into_a_patched_model_and_is_refused_by_
             self.read = io.BytesIO(raw).read
 
     src = patched_mlp(seed=1)
-    buffer = io.BytesIO()
-    R.save_adapter(src, buffer)
+    raw = saved_file(src)
     dst = patched_mlp()
-    R.load_adapter(dst, Pipe(buffer.getvalue()))
+    R.load_adapter(dst, Pipe(raw))
     x = torch.randn(5, 8)
     assert torch.equal(dst.eval()(x), src.eval()(x))
     fresh = small_mlp()
     before = fingerprint(fresh)
     with pytest.raises(ValueError, match="cannot seek"):
-        R.load_adapter(fresh, Pipe(buffer.getvalue()))
+        R.load_adapter(fresh, Pipe(raw))
     assert_same_fingerprint(fingerprint(fresh), before)
-
-
-@pytest.mark.parametrize("into", ["patched", "unpatched"])
-def test_a_config_of_the_wrong_types_is_refused_alike_by_patched_and_fresh_models(into):
-    """r = 2.0 equals 2, but it is not an int: both refuse it, and say the checkpoint's config is at fault."""
-    state = R.adapter_state_dict(patched_mlp(seed=1))
-    state["config"]["r"] = 2.0
-    model = patched_mlp() if into == "patched" else small_mlp()
-    before = fingerprint(model)
-    with pytest.raises(TypeError, match="config: r and seed must be ints"):
-        R.load_adapter(model, io.BytesIO(adapter_file(state)))
-    assert_same_fingerprint(fingerprint(model), before)
 
 
 def test_a_layer_only_the_checkpoint_has_is_named_and_so_is_a_differing_trainable():
