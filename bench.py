@@ -261,6 +261,23 @@ def _medians(times, key):
     return {name: statistics.median(t[key]) for name, t in times.items()}
 
 
+def _timed_row(kind, shape, T, method, times, rounds, **ratios) -> dict:
+    """One method's row at one shape: its median wall and CPU ms, each round's wall ms, `ratios` (of
+    medians) and the same ratios round by round (`rounds`), judged on CPU time."""
+    return dict(
+        kind=kind,
+        shape=shape,
+        T=T,
+        method=method,
+        ms=1e3 * statistics.median(times[method]["wall"]),
+        cpu_ms=1e3 * statistics.median(times[method]["cpu"]),
+        times_ms=[1e3 * t for t in times[method]["wall"]],
+        **ratios,
+        clock="cpu",
+        rounds=rounds,
+    )
+
+
 def per_round(times, clock, pairs) -> dict:
     """{ratio name: [a's time over b's, in each round]} for each (name, a, b) in pairs whose b ran:
     a and b ran in the same round, under the same load. clock: "cpu" or "wall"."""
@@ -318,52 +335,37 @@ def run(
         ratio = lambda d, m, ref: d[m] / d[ref] if ref in d else None
         for m, (model, _) in models.items():
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            rows.append(
-                dict(
-                    kind="train",
-                    shape=shape,
-                    T=T,
-                    method=m,
-                    ms=1e3 * med[m],
-                    cpu_ms=1e3 * cpu[m],
-                    times_ms=[1e3 * t for t in times[m]["wall"]],
-                    x_lora=ratio(med, m, "lora"),
-                    x_full=ratio(med, m, "full"),
-                    cpu_x_lora=ratio(cpu, m, "lora"),
-                    cpu_x_full=ratio(cpu, m, "full"),
-                    x_prev=ratio(med, m, m + "@impl"),
-                    cpu_x_prev=ratio(cpu, m, m + "@impl"),
-                    clock="cpu",
-                    rounds=per_round(
-                        times,
-                        "cpu",
-                        [("x_lora", m, "lora"), ("x_full", m, "full"), ("x_prev", m, m + "@impl")],
-                    ),
-                    trainable=n_train,
-                    saved_bytes=saved_bytes(model, x),
-                    paths=resolved_paths(model, T, impl_of[m]),
-                )
+            pairs = [("x_lora", m, "lora"), ("x_full", m, "full"), ("x_prev", m, m + "@impl")]
+            row = _timed_row(
+                "train",
+                shape,
+                T,
+                m,
+                times,
+                per_round(times, "cpu", pairs),
+                x_lora=ratio(med, m, "lora"),
+                x_full=ratio(med, m, "full"),
+                cpu_x_lora=ratio(cpu, m, "lora"),
+                cpu_x_full=ratio(cpu, m, "full"),
+                x_prev=ratio(med, m, m + "@impl"),
+                cpu_x_prev=ratio(cpu, m, m + "@impl"),
             )
+            row.update(
+                trainable=n_train,
+                saved_bytes=saved_bytes(model, x),
+                paths=resolved_paths(model, T, impl_of[m]),
+            )
+            rows.append(row)
         if infer is not None:
             xs = x.detach()
             fns = {k: (lambda mdl=mdl, xs=xs: _no_grad_forward(mdl, xs)) for k, mdl in infer.items()}
             times = interleaved(fns, 3 * repeats, warmup)  # same work: a finer look
             med, cpu = _medians(times, "wall"), _medians(times, "cpu")
             for k in infer:
+                rounds = per_round(times, "cpu", [("x_base", k, "base")])
+                x_base, cpu_x_base = med[k] / med["base"], cpu[k] / cpu["base"]
                 rows.append(
-                    dict(
-                        kind="infer",
-                        shape=shape,
-                        T=T,
-                        method=k,
-                        ms=1e3 * med[k],
-                        cpu_ms=1e3 * cpu[k],
-                        times_ms=[1e3 * t for t in times[k]["wall"]],
-                        x_base=med[k] / med["base"],
-                        cpu_x_base=cpu[k] / cpu["base"],
-                        clock="cpu",
-                        rounds=per_round(times, "cpu", [("x_base", k, "base")]),
-                    )
+                    _timed_row("infer", shape, T, k, times, rounds, x_base=x_base, cpu_x_base=cpu_x_base)
                 )
         if log:
             log(f"T={T} done")
